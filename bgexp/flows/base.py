@@ -1,0 +1,110 @@
+"""The flow contract shared by every bijection in bgexp.
+
+A flow maps latent points z to configurations x and back:
+
+    forward(z) -> (x, log|det dx/dz|)
+    inverse(x) -> (z, log|det dz/dx|)
+
+Both log-determinants have shape [batch]. Every flow keeps this contract however it is built
+(couplings, ODEs, root finding), so that flows compose (`SequentialFlow`) and invert
+(`InverseFlow`) without knowing each other's internals (compare zuko's Transform).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+class Flow(nn.Module):
+    """A bijection with log-determinants in both directions."""
+
+    dim: int
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def check_input(self, t: Tensor, name: str = "input") -> None:
+        """Fail with a message naming the expected shape when `t` is not [batch, dim]."""
+        if t.dim() != 2 or t.shape[-1] != self.dim:
+            raise ValueError(
+                f"{type(self).__name__} expects {name} of shape [batch, {self.dim}], "
+                f"got {tuple(t.shape)}"
+            )
+
+
+class SequentialFlow(Flow):
+    """Composition f_K o ... o f_1; log-dets add up: log|det J| = sum_k log|det J_k|."""
+
+    def __init__(self, layers: Iterable[Flow]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        if len(self.layers) == 0:
+            raise ValueError("SequentialFlow needs at least one layer")
+        dims = {layer.dim for layer in self.layers}
+        if len(dims) != 1:
+            raise ValueError(f"SequentialFlow layers disagree on dim: {sorted(dims)}")
+        self.dim = dims.pop()
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = z.new_zeros(z.shape[0])
+        for layer in self.layers:
+            z, ld = layer.forward(z)
+            logdet = logdet + ld
+        return z, logdet
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = x.new_zeros(x.shape[0])
+        for layer in reversed(self.layers):
+            x, ld = layer.inverse(x)
+            logdet = logdet + ld
+        return x, logdet
+
+
+class InverseFlow(Flow):
+    """The inverse of a flow: swaps forward and inverse."""
+
+    def __init__(self, flow: Flow):
+        super().__init__()
+        self.flow = flow
+        self.dim = flow.dim
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.flow.inverse(z)
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.flow.forward(x)
+
+
+class AffineStandardization(Flow):
+    """Fixed elementwise affine map x = mean + std * z (a diagonal whitening).
+
+    log|det dx/dz| = sum_i log std_i. `mean` and `std` are buffers (saved in checkpoints, not
+    trained); `fit(x)` sets them from data.
+    """
+
+    def __init__(self, dim: int, mean: Tensor | None = None, std: Tensor | None = None):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("mean", torch.zeros(dim) if mean is None else mean.clone())
+        self.register_buffer("std", torch.ones(dim) if std is None else std.clone())
+
+    @torch.no_grad()
+    def fit(self, x: Tensor, min_std: float = 1e-6) -> "AffineStandardization":
+        self.check_input(x, "data")
+        self.mean.copy_(x.mean(0).to(self.mean))
+        self.std.copy_(x.std(0).clamp_min(min_std).to(self.std))
+        return self
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = torch.log(self.std).sum().to(z).expand(z.shape[0])
+        return self.mean.to(z) + self.std.to(z) * z, logdet
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = -torch.log(self.std).sum().to(x).expand(x.shape[0])
+        return (x - self.mean.to(x)) / self.std.to(x), logdet

@@ -1,0 +1,6 @@
+"""What is sampled: one module per system, plus samplers for reference data (md.py)."""
+
+from bgexp.targets.base import Reference, ReferenceValue, Target
+from bgexp.targets.dimer import DimerTarget
+
+__all__ = ["Target", "Reference", "ReferenceValue", "DimerTarget"]
