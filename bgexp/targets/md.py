@@ -88,3 +88,53 @@ def metropolis(
         acceptance=accepted_total / n_steps,
         step_size=sigma,
     )
+
+
+@dataclass
+class StateSamples:
+    """MC data started in, and confined to, each named state of a target."""
+
+    x: Tensor  # [n, dim]
+    state: Tensor  # [n] index into `states`
+    states: list[str]
+    acceptance: dict[str, float]
+
+
+def sample_states(
+    target,
+    states: list[str],
+    n_chains: int,
+    n_steps: int,
+    burn_in: int,
+    thin: int,
+    step_size: float = 0.05,
+    seed: int = 0,
+    progress: bool = True,
+) -> StateSamples:
+    """Deliberately biased data as in Boltzmann Generators (2019): separate Metropolis runs
+    started in each of `states`, each confined to its state (no transitions). `target` is any
+    object with `energy`, `states` and `initial_configurations` (the Target contract)."""
+    unknown = [s for s in states if s not in target.states]
+    if unknown:
+        raise ValueError(f"unknown states {unknown}; {type(target).__name__} has {sorted(target.states)}")
+    generator = torch.Generator().manual_seed(int(seed))
+    xs, labels, acceptance = [], [], {}
+    for k, name in enumerate(states):
+        x0 = target.initial_configurations(name, n_chains, generator)
+        result = metropolis(
+            target.energy,
+            x0,
+            n_steps=n_steps,
+            step_size=step_size,
+            burn_in=burn_in,
+            thin=thin,
+            generator=generator,
+            constraint=target.states[name],
+            progress=progress,
+            desc=f"MC data ({name})",
+        )
+        x = result.samples.reshape(-1, x0.shape[-1])
+        xs.append(x)
+        labels.append(torch.full((x.shape[0],), k, dtype=torch.long))
+        acceptance[name] = result.acceptance
+    return StateSamples(x=torch.cat(xs), state=torch.cat(labels), states=list(states), acceptance=acceptance)

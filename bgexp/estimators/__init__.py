@@ -1,0 +1,27 @@
+"""Estimators: pure float64 functions of energies and log-densities (never of models).
+
+Log-weights and ESS (``weights``), state free-energy differences, FEP/BAR/MBAR (``free_energy``),
+bootstrap confidence intervals (``bootstrap``) and free-energy profiles (``profiles``).  Inputs may
+be numpy arrays or torch tensors; outputs are Python floats or numpy arrays.  This package imports
+neither Lightning, Hydra, ``bgexp.flows`` nor ``bgexp.targets``.
+"""
+
+from bgexp.estimators.bootstrap import BootstrapResult, bootstrap
+from bgexp.estimators.free_energy import bar, fep, free_energy_difference, mbar
+from bgexp.estimators.profiles import align_profiles, free_energy_profile
+from bgexp.estimators.weights import as_float64, ess, log_weights, normalized_weights
+
+__all__ = [
+    "as_float64",
+    "log_weights",
+    "normalized_weights",
+    "ess",
+    "free_energy_difference",
+    "fep",
+    "bar",
+    "mbar",
+    "BootstrapResult",
+    "bootstrap",
+    "free_energy_profile",
+    "align_profiles",
+]

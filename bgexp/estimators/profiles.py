@@ -1,0 +1,102 @@
+"""One-dimensional free-energy profiles (potentials of mean force) from (weighted) samples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from bgexp.estimators.weights import _as_1d, _check_same_length, as_float64, normalized_weights
+
+__all__ = ["free_energy_profile", "align_profiles"]
+
+
+def free_energy_profile(
+    values: Any,
+    log_w: Any = None,
+    bins: int | Any = 40,
+    range: tuple[float, float] | None = None,  # noqa: A002 (numpy's name)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Free-energy profile F(s) = -ln p(s) (kT) of a scalar collective variable s.
+
+    For bin j with edges [e_j, e_{j+1}):
+
+        p_j = sum_{i: s_i in bin j} wbar_i / (e_{j+1} - e_j),    F_j = -ln p_j,
+
+    where wbar_i are the self-normalised importance weights (``normalized_weights(log_w)``; uniform
+    1/n when ``log_w`` is None).  The weights are normalised over ALL samples, so p is an estimate of
+    the full probability density even where samples fall outside ``range``; F is the absolute
+    -ln density, not shifted to a minimum of zero (use ``align_profiles`` to compare).  Empty bins
+    (zero weight) get F = +inf.  ``bins`` is a number of equal-width bins over ``range`` (default:
+    min and max of ``values``) or an increasing array of bin edges (then ``range`` is ignored).
+    Returns (bin centres, F), both of shape [n_bins].
+
+    Reference: Kästner, "Umbrella sampling", WIREs Comput. Mol. Sci. 1, 932 (2011) (PMF as
+    -kT ln p); Noé et al., Science 365, eaaw1147 (2019) (reweighted profiles of Boltzmann generators).
+    """
+    s = _as_1d(values, "values", allow_posinf=False, allow_neginf=False)
+    if log_w is None:
+        w = np.full(s.size, 1.0 / s.size)
+    else:
+        lw = _as_1d(log_w, "log_w", allow_posinf=False, allow_neginf=True)
+        _check_same_length(values=s, log_w=lw)
+        w = normalized_weights(lw)
+
+    if np.ndim(bins) == 0:
+        if not isinstance(bins, (int, np.integer)) or isinstance(bins, bool) or bins < 1:
+            raise ValueError(f"bins must be a positive integer or an array of edges, got {bins!r}")
+        if range is not None:
+            lo, hi = float(range[0]), float(range[1])
+            if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+                raise ValueError(f"range must be (low, high) with finite low < high, got {range!r}")
+        edges = np.histogram_bin_edges(s, bins=int(bins), range=range)
+    else:
+        edges = as_float64(bins)
+        if edges.ndim != 1 or edges.size < 2:
+            raise ValueError(f"bin edges must be a 1-D array of at least 2 values, got shape {tuple(edges.shape)}")
+        if not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
+            raise ValueError("bin edges must be finite and strictly increasing")
+
+    mass, _ = np.histogram(s, bins=edges, weights=w)
+    widths = np.diff(edges)
+    with np.errstate(divide="ignore"):
+        f = -np.log(mass / widths)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    return centres, f
+
+
+def align_profiles(f: Any, f_ref: Any, max_f_ref: float | None = None) -> tuple[np.ndarray, float]:
+    """Shift profile f by the constant that best matches f_ref in the least-squares sense.
+
+    Over the bins M where both f and f_ref are finite (and, if ``max_f_ref`` is given, where
+    f_ref - min(f_ref) <= max_f_ref, min over the finite entries of f_ref):
+
+        c = mean_{j in M} (f_ref_j - f_j),    f_shifted = f + c,
+        rmse = sqrt( mean_{j in M} (f_shifted_j - f_ref_j)^2 ).
+
+    Free-energy profiles are defined up to an additive constant; this removes it before comparing.
+    Non-finite entries (+inf for empty bins, NaN for missing reference values) are ignored and
+    stay as they are in the result.  Raises ValueError if the shapes differ or no bin is usable.
+    Returns (f_shifted, rmse).
+    """
+    a = as_float64(f)
+    r = as_float64(f_ref)
+    if a.shape != r.shape:
+        raise ValueError(f"f and f_ref must have the same shape, got {tuple(a.shape)} and {tuple(r.shape)}")
+    if a.size == 0:
+        raise ValueError("f and f_ref are empty")
+    mask = np.isfinite(a) & np.isfinite(r)
+    if max_f_ref is not None:
+        finite_ref = r[np.isfinite(r)]
+        if finite_ref.size == 0:
+            raise ValueError("f_ref has no finite entries")
+        mask &= np.where(np.isfinite(r), r - finite_ref.min(), np.inf) <= float(max_f_ref)
+    if not mask.any():
+        raise ValueError(
+            "no bin where f and f_ref are both finite"
+            + (f" and f_ref - min(f_ref) <= {max_f_ref}" if max_f_ref is not None else "")
+        )
+    c = float(np.mean(r[mask] - a[mask]))
+    shifted = a + c
+    rmse = float(np.sqrt(np.mean((shifted[mask] - r[mask]) ** 2)))
+    return shifted, rmse

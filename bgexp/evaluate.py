@@ -1,0 +1,43 @@
+"""`bgexp-eval run_dir=<run folder>`: re-evaluate a checkpoint into a new results.json.
+
+Writes <run_dir>/eval/<stamp>/results.json and figures; the run's own config rebuilds the model.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from bgexp.train import CONFIG_DIR
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from bgexp.training.evaluation import evaluate
+    from bgexp.training.run import build_datamodule, load_run, print_summary, write_results
+
+    start = time.time()
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_cfg, model, ckpt = load_run(cfg.run_dir, cfg.checkpoint)
+    model.seed = int(cfg.seed)
+    datamodule = build_datamodule(run_cfg, model.target)
+    datamodule.progress = False
+    datamodule.setup()
+    evaluation = evaluate(model, n_samples=cfg.n_samples, batch_size=cfg.batch_size,
+                          n_bootstrap=cfg.n_bootstrap, confidence=cfg.confidence,
+                          data=datamodule.x_val, figure_dir=out_dir / "figures")
+    path = write_results(out_dir, run_cfg, model, evaluation, wall_s=time.time() - start,
+                         extra={"files": {"checkpoint": str(ckpt), "data": datamodule.source},
+                                "evaluated_from": str(cfg.run_dir)})
+    import json
+
+    print_summary(path, json.loads(path.read_text()), None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Lightning: the Boltzmann-generator module, losses, data module, callbacks, run assembly."""

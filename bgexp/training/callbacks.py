@@ -1,0 +1,47 @@
+"""Lightning callbacks: periodic evaluation (ESS, free energies, figures) during training."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import WandbLogger
+
+from bgexp.training.evaluation import evaluate
+
+log = logging.getLogger(__name__)
+
+
+def log_figures(trainer: pl.Trainer, figures: dict[str, str], step: int) -> None:
+    """Send figure files to W&B as images (other loggers keep them as files in the run folder)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            for key, path in figures.items():
+                logger.log_image(key=f"figures/{key}", images=[path], step=step)
+
+
+class EvaluationCallback(pl.Callback):
+    """Every `every_n_epochs` epochs: draw samples, log ESS, Delta F with CI, profile error,
+    energy statistics under `eval/`, and the figures (rank zero)."""
+
+    def __init__(self, every_n_epochs: int = 1, n_samples: int = 5_000, batch_size: int = 2_000,
+                 n_bootstrap: int = 100, figure_dir: str | None = None):
+        if every_n_epochs < 1:
+            raise ValueError(f"evaluation.every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.every_n_epochs, self.n_samples, self.batch_size = every_n_epochs, n_samples, batch_size
+        self.n_bootstrap = n_bootstrap
+        self.figure_dir = Path(figure_dir) if figure_dir else None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs != 0 or trainer.sanity_checking:
+            return
+        figure_dir = self.figure_dir if trainer.is_global_zero else None
+        result = evaluate(pl_module, n_samples=self.n_samples, batch_size=self.batch_size,
+                          n_bootstrap=self.n_bootstrap, figure_dir=figure_dir,
+                          tag=f"epoch{trainer.current_epoch:04d}")
+        pl_module.log_dict({f"eval/{k}": v for k, v in result.metrics.items()}, sync_dist=True)
+        if trainer.is_global_zero:
+            log_figures(trainer, result.figures, trainer.global_step)
+            log.info("epoch %d: ESS %.2f%% %s", trainer.current_epoch, 100 * result.metrics["ess"],
+                     {k: round(v["value"], 3) for k, v in result.delta_f.items() if v["value"] is not None})

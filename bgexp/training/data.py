@@ -1,0 +1,178 @@
+"""Training data: MC/MD samples of a target, cached on disk with the settings that made them.
+
+Two sources:
+- `path`: a user's own .npz file with an array `x` of shape [n, dim] (MD frames, flattened).
+  A missing, unreadable, wrongly shaped or non-finite file is an error that names the file.
+- generated: when `path` is null, the data are produced by `bgexp.targets.md.sample_states`
+  and cached as `<cache_dir>/<name>-<hash>.npz`, where the hash covers the target's config and
+  the sampler settings. The file stores those settings; a cache whose stored settings differ
+  (stale) or that cannot be read (malformed) is regenerated with a warning, never used silently.
+  Files are written to a temporary name and renamed, so a crash never leaves half a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from bgexp.targets.base import Target
+from bgexp.targets.md import sample_states
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed or does not fit the target."""
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_npz(path: Path, dim: int) -> dict[str, np.ndarray]:
+    """Read an .npz data file and check `x` is a finite [n, dim] array; DataError otherwise."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"data file {path} is not a readable .npz file ({err})") from err
+    if "x" not in arrays:
+        raise DataError(f"data file {path} has no array 'x' (found {sorted(arrays)})")
+    x = arrays["x"]
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise DataError(f"data file {path}: 'x' has shape {x.shape}, the target expects [n, {dim}]")
+    if x.shape[0] == 0:
+        raise DataError(f"data file {path} holds no samples")
+    n_bad = int((~np.isfinite(x)).any(axis=1).sum())
+    if n_bad:
+        raise DataError(f"data file {path}: {n_bad} samples contain NaN or infinite coordinates")
+    return arrays
+
+
+def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+class TargetDataModule(pl.LightningDataModule):
+    """Train/validation split of a target's data; generation and caching as described above."""
+
+    def __init__(
+        self,
+        target: Target,
+        target_config: dict[str, Any] | None = None,
+        path: str | None = None,
+        cache_dir: str = "data_cache",
+        generate: dict[str, Any] | None = None,
+        val_fraction: float = 0.1,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        split_seed: int = 0,
+        progress: bool = True,
+    ):
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if path is None and not generate:
+            raise ValueError("data needs either data.path (an .npz file) or data.generate settings")
+        self.target = target
+        self.target_config = target_config or {"class": type(target).__name__}
+        self.path = Path(path) if path else None
+        self.cache_dir = Path(cache_dir)
+        self.generate_settings = dict(generate or {})
+        self.val_fraction, self.batch_size = float(val_fraction), int(batch_size)
+        self.num_workers, self.split_seed, self.progress = int(num_workers), int(split_seed), progress
+        self.x_train: torch.Tensor | None = None
+        self.x_val: torch.Tensor | None = None
+        self.source: str = ""
+
+    # loading -------------------------------------------------------------------------------
+    def cache_settings(self) -> dict[str, Any]:
+        return {"target": self.target_config, "generate": self.generate_settings, "format": 1}
+
+    def cache_path(self) -> Path:
+        name = str(self.target_config.get("name", type(self.target).__name__)).lower()
+        return self.cache_dir / f"{name}-{settings_hash(self.cache_settings())}.npz"
+
+    def _generate(self, path: Path) -> np.ndarray:
+        settings = self.generate_settings
+        log.info("generating training data (%s) into %s", settings, path)
+        samples = sample_states(self.target, progress=self.progress, **settings)
+        x = samples.x.detach().cpu().numpy()
+        save_npz_atomic(
+            path,
+            x=x,
+            state=samples.state.numpy(),
+            states=np.array(samples.states),
+            settings_json=np.array(json.dumps(self.cache_settings(), sort_keys=True, default=str)),
+            acceptance_json=np.array(json.dumps(samples.acceptance)),
+        )
+        return x
+
+    def _load_cache(self, path: Path) -> np.ndarray | None:
+        """The cached x, or None (with a warning) when the cache is absent, stale or malformed."""
+        if not path.exists():
+            return None
+        try:
+            arrays = load_npz(path, self.target.dim)
+        except DataError as err:
+            log.warning("ignoring malformed data cache: %s; regenerating", err)
+            return None
+        stored = str(arrays.get("settings_json", ""))
+        expected = json.dumps(self.cache_settings(), sort_keys=True, default=str)
+        if stored != expected:
+            log.warning("data cache %s was made with other settings; regenerating", path)
+            return None
+        return arrays["x"]
+
+    def load_all(self) -> np.ndarray:
+        if self.path is not None:
+            self.source = str(self.path)
+            return load_npz(self.path, self.target.dim)["x"]
+        path = self.cache_path()
+        x = self._load_cache(path)
+        if x is None:
+            x = self._generate(path)
+        self.source = str(path)
+        return x
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.x_train is not None:
+            return
+        x = torch.as_tensor(self.load_all(), dtype=torch.get_default_dtype())
+        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.split_seed))
+        n_val = max(1, int(round(self.val_fraction * x.shape[0])))
+        if x.shape[0] - n_val < 1:
+            raise DataError(f"only {x.shape[0]} samples: too few to split into train and validation")
+        self.x_val, self.x_train = x[perm[:n_val]], x[perm[n_val:]]
+
+    # loaders -------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            TensorDataset(self.x_train),
+            batch_size=min(self.batch_size, len(self.x_train)),
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x_val), batch_size=1024, num_workers=self.num_workers)

@@ -1,0 +1,188 @@
+"""Evaluation of a Boltzmann generator: samples, importance weights, ESS, free energies, figures.
+
+For N flow samples x_i ~ q with log-weights log w_i = -u(x_i) - log q(x_i):
+- ESS (Kish) as a fraction of N;
+- Delta F(a -> b) = -ln(sum_{i in b} w_i / sum_{i in a} w_i) for every pair of the target's
+  states (first state -> each other state), with a bootstrap confidence interval;
+- the reweighted free-energy profile F(s) = -ln p(s) along each observable that has a reference
+  profile, and its RMSE against the reference after aligning the additive constant;
+- NLL of held-out data, -E[log q(x)], when data are given.
+Samples with non-finite energy get weight zero and are counted (`n_nonfinite_energies`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bgexp import plots
+from bgexp.estimators import (
+    align_profiles,
+    bootstrap,
+    ess,
+    free_energy_difference,
+    free_energy_profile,
+    log_weights,
+)
+from bgexp.training.module import BoltzmannGenerator
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]  # flat scalars for the logger
+    delta_f: dict[str, dict[str, Any]]  # name -> value, ci_low, ci_high, reference, source
+    figures: dict[str, str] = field(default_factory=dict)
+    samples: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def draw_samples(
+    bg: BoltzmannGenerator, n: int, batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n samples with log q and reduced energies, in batches; energies count as evaluation."""
+    xs, log_qs, us = [], [], []
+    with bg.counting_evaluation():
+        for start in range(0, n, batch_size):
+            x, log_q = bg.sample(min(batch_size, n - start), generator=generator)
+            xs.append(x)
+            log_qs.append(log_q)
+            us.append(bg.energy(x))
+    return torch.cat(xs), torch.cat(log_qs), torch.cat(us)
+
+
+@torch.no_grad()
+def data_nll(bg: BoltzmannGenerator, x: torch.Tensor, batch_size: int = 1024) -> float:
+    total = 0.0
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start : start + batch_size].to(bg.device)
+        total += float(-bg.log_prob(xb).double().sum())
+    return total / x.shape[0]
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def evaluate(
+    bg: BoltzmannGenerator,
+    n_samples: int = 10_000,
+    batch_size: int = 2_000,
+    n_bootstrap: int = 200,
+    confidence: float = 0.95,
+    profile_bins: int = 40,
+    profile_max_f_ref: float = 10.0,
+    data: torch.Tensor | None = None,
+    figure_dir: str | Path | None = None,
+    seed_offset: int = 10_000,
+    tag: str = "",
+) -> Evaluation:
+    if n_samples < 2:
+        raise ValueError(f"evaluation needs n_samples >= 2, got {n_samples}")
+    was_training = bg.training
+    bg.eval()
+    generator = bg.make_generator(offset=seed_offset)
+    x, log_q, u = draw_samples(bg, n_samples, batch_size, generator)
+    bg.train(was_training)
+    target = bg.target
+    n_nonfinite = int((~torch.isfinite(u)).sum())
+    log_w = log_weights(torch.where(torch.isfinite(u), u, torch.full_like(u, math.inf)), log_q)
+    metrics: dict[str, float] = {
+        "ess": ess(log_w),
+        "n_samples": float(n_samples),
+        "n_nonfinite_energies": float(n_nonfinite),
+    }
+    finite_u = u[torch.isfinite(u)].double().cpu().numpy()
+    if finite_u.size:
+        metrics["energy_mean"] = float(finite_u.mean())
+        metrics["energy_median"] = float(np.median(finite_u))
+        metrics["energy_min"] = float(finite_u.min())
+
+    # free-energy differences between states ------------------------------------------------
+    delta_f: dict[str, dict[str, Any]] = {}
+    state_names = list(target.states)
+    masks = {name: target.states[name](x).cpu().numpy() for name in state_names}
+    for name in state_names:
+        metrics[f"population/{name}"] = float(masks[name].mean())
+    reference = target.reference
+    for b in state_names[1:]:
+        a = state_names[0]
+        key = f"{a}->{b}"
+        result = bootstrap(
+            free_energy_difference, log_w, masks[a], masks[b],
+            n_boot=n_bootstrap, confidence=confidence, seed=bg.seed,
+        )
+        entry: dict[str, Any] = {
+            "value": _finite_or_none(result.value),
+            "ci_low": _finite_or_none(result.ci_low),
+            "ci_high": _finite_or_none(result.ci_high),
+            "confidence": confidence,
+            "reference": None,
+            "reference_source": None,
+        }
+        ref = reference.delta_f.get(key) if reference is not None else None
+        if ref is not None:
+            entry["reference"] = ref.value
+            entry["reference_ci"] = [ref.ci_low, ref.ci_high]
+            entry["reference_source"] = ref.source
+            if entry["value"] is not None:
+                entry["error"] = entry["value"] - ref.value
+                metrics[f"delta_f/{key}/error"] = entry["error"]
+        delta_f[key] = entry
+        for k in ("value", "ci_low", "ci_high"):
+            if entry[k] is not None:
+                metrics[f"delta_f/{key}/{k}"] = entry[k]
+
+    # free-energy profiles along observables ---------------------------------------------
+    figures: dict[str, str] = {}
+    fig_dir = Path(figure_dir) if figure_dir is not None else None
+    if fig_dir is not None:
+        fig_dir.mkdir(parents=True, exist_ok=True)
+    suffix = f"_{tag}" if tag else ""
+    for obs_name, obs in target.observables.items():
+        ref_profile = (reference.profiles.get(obs_name) if reference is not None else None) or None
+        values = obs(x).double().cpu().numpy()
+        bins = np.asarray(ref_profile["bin_edges"]) if ref_profile and "bin_edges" in ref_profile else profile_bins
+        centres, f = free_energy_profile(values, log_w, bins=bins)
+        ref_plot = None
+        if ref_profile is not None:
+            f_ref = np.array([np.inf if v is None else v for v in ref_profile["f"]], dtype=float)
+            _, rmse = align_profiles(f, f_ref, max_f_ref=profile_max_f_ref)
+            metrics[f"profile/{obs_name}/rmse"] = float(rmse)
+            ref_plot = {"x": np.asarray(ref_profile["x"]), "f": f_ref, "label": "reference"}
+            if "f_std" in ref_profile:
+                ref_plot["f_std"] = np.array([np.nan if v is None else v for v in ref_profile["f_std"]], dtype=float)
+        if fig_dir is not None:
+            path = plots.plot_free_energy_profile(
+                centres, f, fig_dir / f"profile_{obs_name}{suffix}.png", reference=ref_plot,
+                xlabel=obs_name.replace("_", " "), title=f"reweighted profile, ESS {100 * metrics['ess']:.1f}%",
+            )
+            figures[f"profile_{obs_name}"] = str(path)
+
+    # held-out data ---------------------------------------------------------------------------
+    energies = {"flow samples": u.double().cpu().numpy()}
+    weights = {"flow samples": np.ones(n_samples)}
+    if data is not None and len(data) > 0:
+        metrics["nll_test"] = data_nll(bg, data)
+        with torch.no_grad(), bg.counting_evaluation():
+            u_data = bg.energy(data[:n_samples].to(bg.device))
+        energies = {"data": u_data.double().cpu().numpy(), **energies}
+        weights = {"data": np.ones(len(u_data)), **weights}
+    energies["reweighted samples"] = energies["flow samples"]
+    weights["reweighted samples"] = np.exp(log_w - np.max(log_w[np.isfinite(log_w)])) if np.isfinite(log_w).any() else np.zeros(n_samples)
+    if fig_dir is not None:
+        path = plots.plot_energy_histograms(energies, fig_dir / f"energies{suffix}.png", weights=weights,
+                                            title="reduced energies")
+        figures["energies"] = str(path)
+
+    return Evaluation(
+        metrics=metrics,
+        delta_f=delta_f,
+        figures=figures,
+        samples={"x": x.double().cpu().numpy(), "log_q": log_q.double().cpu().numpy(),
+                 "energy": u.double().cpu().numpy(), "log_w": np.asarray(log_w)},
+    )

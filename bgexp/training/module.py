@@ -1,0 +1,140 @@
+"""The Boltzmann generator as a LightningModule: prior + flow + target + loss.
+
+A Boltzmann generator (Noe et al., Science 2019) samples x = F(z), z ~ p_Z, with density
+log q(x) = log p_Z(z) - log|det dF/dz|, and reweights to the Boltzmann density
+mu(x) ~ exp(-u(x)) with log w = -u(x) - log q(x).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from bgexp.flows.base import Flow
+from bgexp.targets.base import Target
+from bgexp.training.losses import JointLoss
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced non-finite losses in too many consecutive steps."""
+
+
+class BoltzmannGenerator(pl.LightningModule):
+    def __init__(
+        self,
+        prior: torch.nn.Module,
+        flow: Flow,
+        target: Target,
+        loss: JointLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        seed: int = 0,
+        max_consecutive_nonfinite: int = 50,
+    ):
+        super().__init__()
+        if getattr(prior, "dim", flow.dim) != flow.dim:
+            raise ValueError(f"prior dim {prior.dim} does not match flow dim {flow.dim}")
+        if flow.dim != target.dim:
+            raise ValueError(f"flow dim {flow.dim} does not match target dim {target.dim}")
+        self.prior, self.flow, self.target, self.loss = prior, flow, target, loss
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.seed = int(seed)
+        self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
+        self.consecutive_nonfinite = 0
+        self.n_nonfinite_steps = 0
+        self.n_energy_evals_train = 0
+        self.n_energy_evals_eval = 0
+        self._counting = "train"
+        self.latent_generator: torch.Generator | None = None
+
+    # density and sampling --------------------------------------------------------------------
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log q(x) = log p_Z(F^-1(x)) + log|det dF^-1/dx|."""
+        z, logdet = self.flow.inverse(x)
+        return self.prior.log_prob(z) + logdet
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """x = F(z) and log q(x) = log p_Z(z) - log|det dF/dz|."""
+        z = self.prior.sample(n, generator=generator)
+        x, logdet = self.flow(z)
+        return x, self.prior.log_prob(z) - logdet
+
+    def energy(self, x: Tensor) -> Tensor:
+        """The target's reduced energy; every call is counted (training or evaluation)."""
+        if self._counting == "train":
+            self.n_energy_evals_train += x.shape[0]
+        else:
+            self.n_energy_evals_eval += x.shape[0]
+        return self.target.energy(x)
+
+    @contextmanager
+    def counting_evaluation(self):
+        """Within this block, energy calls count as evaluation, not training."""
+        previous, self._counting = self._counting, "eval"
+        try:
+            yield
+        finally:
+            self._counting = previous
+
+    def make_generator(self, offset: int = 0) -> torch.Generator:
+        """A generator on this module's device seeded with seed + rank + offset (one per DDP rank)."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.seed + self.global_rank + offset)
+        return g
+
+    # Lightning hooks -------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.latent_generator = self.make_generator()
+
+    def training_step(self, batch, batch_idx: int):
+        x = batch[0] if self.loss.needs_data else None
+        loss, metrics = self.loss(self, x, step=self.global_step)
+        if not torch.isfinite(loss):
+            self.consecutive_nonfinite += 1
+            self.n_nonfinite_steps += 1
+            self.log("train/nonfinite_steps", float(self.n_nonfinite_steps))
+            log.warning("non-finite loss at step %d (%d in a row); step skipped",
+                        self.global_step, self.consecutive_nonfinite)
+            if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"the loss was NaN or infinite in {self.consecutive_nonfinite} consecutive steps "
+                    f"(last metrics: {metrics}). The flow or the target energy produces non-finite "
+                    "values: lower optim.lr, increase loss.nll_warmup_steps, or check the target."
+                )
+            return None  # Lightning skips the optimiser step
+        self.consecutive_nonfinite = 0
+        self.log("train/loss", loss, prog_bar=True)
+        for key, value in metrics.items():
+            self.log(f"train/{key}", value)
+        self.log("train/energy_evals", float(self.n_energy_evals_train))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int):
+        nll = -self.log_prob(batch[0]).mean()
+        self.log("val/nll", nll, prog_bar=True, sync_dist=True)
+        return nll
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["bgexp_counters"] = {
+            "n_energy_evals_train": self.n_energy_evals_train,
+            "n_energy_evals_eval": self.n_energy_evals_eval,
+            "n_nonfinite_steps": self.n_nonfinite_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for key, value in checkpoint.get("bgexp_counters", {}).items():
+            setattr(self, key, int(value))

@@ -1,0 +1,287 @@
+"""Build everything from a composed config and run training or evaluation.
+
+`train(cfg)` is what `bgexp-train` calls: build target -> data -> prior + flow -> loss -> module,
+fit with Lightning, evaluate the final model, write results.json into the run folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from bgexp.training.callbacks import EvaluationCallback, log_figures
+from bgexp.training.data import TargetDataModule
+from bgexp.training.evaluation import Evaluation, evaluate
+from bgexp.training.module import BoltzmannGenerator
+
+log = logging.getLogger(__name__)
+
+# the parts of a config that fix the model's structure: a checkpoint only fits a config whose
+# parts agree
+MODEL_KEYS = ("target", "flow")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or inconsistent."""
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 of the resolved config without hydra/paths/ckpt_path (first 12 hex digits)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("hydra", "paths", "ckpt_path"):
+        container.pop(key, None)
+    blob = json.dumps(container, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _without_name(node: DictConfig) -> dict[str, Any]:
+    d = OmegaConf.to_container(node, resolve=True)
+    d.pop("name", None)
+    return d
+
+
+def build_target(cfg: DictConfig):
+    if "target" not in cfg or cfg.target is None:
+        raise ConfigError("config has no `target`: choose one with target=<name>")
+    return instantiate(_without_name(cfg.target))
+
+
+def build_model(cfg: DictConfig, target) -> BoltzmannGenerator:
+    flow_cfg = OmegaConf.to_container(cfg.flow, resolve=True)
+    transform = dict(flow_cfg["transform"])
+    dim = transform.pop("dim", None)
+    if dim is not None and int(dim) != target.dim:
+        raise ConfigError(
+            f"flow.transform.dim={dim} does not match the target {cfg.target.get('name', '')!r}, "
+            f"whose dimension is {target.dim}; remove flow.transform.dim or set it to {target.dim}"
+        )
+    flow = instantiate(transform, dim=target.dim)
+    prior = instantiate(flow_cfg["prior"], dim=target.dim)
+    loss = instantiate(cfg.loss)
+    return BoltzmannGenerator(
+        prior=prior,
+        flow=flow,
+        target=target,
+        loss=loss,
+        optimizer=instantiate(cfg.optim),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        seed=cfg.seed,
+        max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
+    )
+
+
+def build_datamodule(cfg: DictConfig, target) -> TargetDataModule:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return TargetDataModule(target, target_config=OmegaConf.to_container(cfg.target, resolve=True), **data)
+
+
+def build_logger(cfg: DictConfig):
+    node = cfg.get("logger")
+    if not node or "_target_" not in node:
+        return False
+    return instantiate(node)
+
+
+def check_checkpoint_config(checkpoint: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    """A checkpoint written under another target/flow config is refused with the differing keys."""
+    stored = checkpoint.get("bgexp_config")
+    if stored is None:
+        raise ConfigError(f"checkpoint {path} was not written by bgexp (no stored config)")
+    current = OmegaConf.to_container(cfg, resolve=True)
+    diffs = []
+    for key in MODEL_KEYS:
+        a, b = stored.get(key), current.get(key)
+        if a != b:
+            diffs.append(f"{key}: checkpoint has {a}, config has {b}")
+    if diffs:
+        raise ConfigError(f"checkpoint {path} comes from another configuration:\n  " + "\n  ".join(diffs))
+
+
+class ConfigInCheckpoint(pl.Callback):
+    """Store the resolved config in every checkpoint, so a checkpoint says what it belongs to."""
+
+    def __init__(self, cfg: DictConfig):
+        self.container = OmegaConf.to_container(cfg, resolve=True)
+        self.container.pop("hydra", None)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["bgexp_config"] = self.container
+
+
+def read_checkpoint(path: str | Path, cfg: DictConfig) -> dict[str, Any]:
+    """Load a checkpoint and check it belongs to `cfg`; clear errors for missing/corrupt/foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict)")
+    check_checkpoint_config(checkpoint, cfg, path)
+    return checkpoint
+
+
+def load_checkpoint_into(model: BoltzmannGenerator, cfg: DictConfig, path: str | Path) -> dict[str, Any]:
+    checkpoint = read_checkpoint(path, cfg)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        raise ConfigError(f"checkpoint {path} does not fit the model: {err}") from err
+    model.on_load_checkpoint(checkpoint)
+    return checkpoint
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.paths.output_dir)
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_results(run_dir: Path, cfg: DictConfig, model: BoltzmannGenerator, evaluation: Evaluation,
+                  wall_s: float, extra: dict[str, Any] | None = None, name: str = "results.json") -> Path:
+    """results.json as in ARCHITECTURE.md (Contracts)."""
+    metrics = evaluation.metrics
+    results = {
+        "experiment": cfg.get("experiment_name"),
+        "config_hash": config_hash(cfg),
+        "seed": int(cfg.seed),
+        "ess": metrics["ess"],
+        "n_samples": int(metrics["n_samples"]),
+        "delta_f": evaluation.delta_f,
+        "nll_test": metrics.get("nll_test"),
+        "n_energy_evals": {"training": model.n_energy_evals_train, "evaluation": model.n_energy_evals_eval},
+        "n_nonfinite_energies": int(metrics["n_nonfinite_energies"]),
+        "wall_s": wall_s,
+        "metrics": metrics,
+        "figures": evaluation.figures,
+    }
+    results.update(extra or {})
+    path = run_dir / name
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_json_safe(results), indent=2))
+    tmp.replace(path)
+    return path
+
+
+def final_evaluation(cfg: DictConfig, model: BoltzmannGenerator, data: torch.Tensor | None,
+                     run_dir: Path) -> Evaluation:
+    ev = cfg.evaluation
+    return evaluate(model, n_samples=ev.final_n_samples, batch_size=ev.batch_size,
+                    n_bootstrap=ev.final_n_bootstrap, confidence=ev.confidence, data=data,
+                    figure_dir=run_dir / "figures")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    start = time.time()
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    target = build_target(cfg)
+    datamodule = build_datamodule(cfg, target)
+    model = build_model(cfg, target)
+    if cfg.get("ckpt_path"):
+        read_checkpoint(cfg.ckpt_path, cfg)  # fail before training on a foreign or corrupt file
+    logger = build_logger(cfg)
+    checkpoint_dir = run_dir / "checkpoints"
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/nll", mode="min",
+                        save_last=True, save_top_k=1),
+        ConfigInCheckpoint(cfg),
+        EvaluationCallback(every_n_epochs=cfg.evaluation.every_n_epochs, n_samples=cfg.evaluation.n_samples,
+                           batch_size=cfg.evaluation.batch_size, n_bootstrap=cfg.evaluation.n_bootstrap,
+                           figure_dir=str(run_dir / "figures")),
+    ]
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
+                                      default_root_dir=str(run_dir))
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    results: dict[str, Any] = {}
+    if trainer.is_global_zero:
+        evaluation = final_evaluation(cfg, model, datamodule.x_val, run_dir)
+        files: dict[str, Any] = {"checkpoint": str(checkpoint_dir / "last.ckpt"), "data": datamodule.source}
+        if cfg.get("save_samples", True):
+            samples_path = run_dir / "samples.npz"
+            np.savez(samples_path, **evaluation.samples)
+            files["samples"] = str(samples_path)
+        wandb_dir = None
+        if logger and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+            logger.log_metrics({f"final/{k}": v for k, v in evaluation.metrics.items()}, step=trainer.global_step)
+            log_figures(trainer, {f"final_{k}": v for k, v in evaluation.figures.items()}, trainer.global_step)
+            wandb_dir = str(Path(logger.experiment.dir).parent)
+            files["wandb_run"] = wandb_dir
+        path = write_results(run_dir, cfg, model, evaluation, wall_s=time.time() - start, extra={"files": files})
+        results = json.loads(path.read_text())
+        print_summary(path, results, wandb_dir)
+    if logger and type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        wandb.finish()
+    return results
+
+
+def print_summary(path: Path, results: dict[str, Any], wandb_dir: str | None) -> None:
+    lines = [f"ESS: {100 * results['ess']:.2f}% of {results['n_samples']} samples"]
+    for name, entry in results["delta_f"].items():
+        value = entry.get("value")
+        if value is None:
+            lines.append(f"Delta F({name}): undefined (a state has no sample)")
+            continue
+        text = f"Delta F({name}) = {value:.3f} kT, {100 * entry['confidence']:.0f}% CI [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
+        if entry.get("reference") is not None:
+            text += f"; reference {entry['reference']:.3f} kT"
+        lines.append(text)
+    if results.get("nll_test") is not None:
+        lines.append(f"NLL (held-out data): {results['nll_test']:.3f}")
+    lines.append(f"results: {path}")
+    if wandb_dir:
+        lines.append(f"W&B offline run: {wandb_dir}  (upload with: wandb sync {wandb_dir})")
+    print("\n".join(lines), flush=True)
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "last") -> tuple[DictConfig, BoltzmannGenerator, Path]:
+    """Rebuild the model of a finished (or killed) run from its folder and load a checkpoint.
+
+    `checkpoint` is "last", "best" or a path to a .ckpt file (which must come from a run with the
+    same target and flow config)."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / ".hydra" / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a bgexp run folder (no .hydra/config.yaml)")
+    cfg = OmegaConf.load(cfg_path)
+    cfg.paths.output_dir = str(Path(cfg.paths.output_dir))
+    ckpt = Path(checkpoint) if checkpoint not in ("last", "best") else run_dir / "checkpoints" / f"{checkpoint}.ckpt"
+    target = build_target(cfg)
+    model = build_model(cfg, target)
+    load_checkpoint_into(model, cfg, ckpt)
+    model.eval()
+    return cfg, model, ckpt
