@@ -83,7 +83,7 @@ class JointLoss:
         x, logdet = bg.flow(z)
         u = bg.energy(x)
         u_cut, n_bad = linlog_cut(u, self.energy_cut_high, self.energy_max)
-        finite = u[torch.isfinite(u)]
+        finite = u.detach()[torch.isfinite(u.detach())]
         stats = {
             "kl/nonfinite_energies": float(n_bad),
             "kl/energy_median": float(finite.median()) if finite.numel() else float("nan"),

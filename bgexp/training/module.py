@@ -96,7 +96,8 @@ class BoltzmannGenerator(pl.LightningModule):
     def training_step(self, batch, batch_idx: int):
         x = batch[0] if self.loss.needs_data else None
         loss, metrics = self.loss(self, x, step=self.global_step)
-        if not torch.isfinite(loss):
+        all_energies_bad = metrics.get("kl/nonfinite_energies", 0.0) >= self.loss.kl_batch_size
+        if not torch.isfinite(loss) or all_energies_bad:
             self.consecutive_nonfinite += 1
             self.n_nonfinite_steps += 1
             self.log("train/nonfinite_steps", float(self.n_nonfinite_steps))
@@ -104,7 +105,8 @@ class BoltzmannGenerator(pl.LightningModule):
                         self.global_step, self.consecutive_nonfinite)
             if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
                 raise NonFiniteLossError(
-                    f"the loss was NaN or infinite in {self.consecutive_nonfinite} consecutive steps "
+                    f"the loss (or every sampled energy) was NaN or infinite in "
+                    f"{self.consecutive_nonfinite} consecutive steps "
                     f"(last metrics: {metrics}). The flow or the target energy produces non-finite "
                     "values: lower optim.lr, increase loss.nll_warmup_steps, or check the target."
                 )

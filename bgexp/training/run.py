@@ -94,17 +94,26 @@ def build_logger(cfg: DictConfig):
     return instantiate(node)
 
 
+def _differences(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    """Dotted keys where two nested config containers differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(k), b.get(k), f"{prefix}.{k}")
+        return out
+    return [] if a == b else [(prefix, a, b)]
+
+
 def check_checkpoint_config(checkpoint: dict[str, Any], cfg: DictConfig, path: Path) -> None:
     """A checkpoint written under another target/flow config is refused with the differing keys."""
     stored = checkpoint.get("bgexp_config")
     if stored is None:
         raise ConfigError(f"checkpoint {path} was not written by bgexp (no stored config)")
-    current = OmegaConf.to_container(cfg, resolve=True)
     diffs = []
     for key in MODEL_KEYS:
-        a, b = stored.get(key), current.get(key)
-        if a != b:
-            diffs.append(f"{key}: checkpoint has {a}, config has {b}")
+        a = stored.get(key)
+        b = OmegaConf.to_container(cfg[key], resolve=True) if key in cfg else None
+        diffs += [f"{name}: checkpoint has {x!r}, config has {y!r}" for name, x, y in _differences(a, b, key)]
     if diffs:
         raise ConfigError(f"checkpoint {path} comes from another configuration:\n  " + "\n  ".join(diffs))
 
