@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
     log_w = log_weights(u, log_q)
     out = Path(cfg.out) if cfg.out else Path(cfg.run_dir) / f"samples-{time.strftime('%Y%m%d-%H%M%S')}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, x=x.numpy(), log_q=log_q.numpy(), energy=u.numpy(), log_w=log_w)
+    np.savez(out, x=x.numpy(), log_q=log_q.double().numpy(), energy=u.double().numpy(), log_w=log_w)
     print(f"wrote {len(x)} samples (ESS {100 * ess(log_w):.2f}%) to {out}", flush=True)
 
 

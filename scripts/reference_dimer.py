@@ -108,6 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="acceptance rate the step sizes are adapted to during burn-in")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bins", type=int, default=40, help="profile bins over [0.5, 2.5]")
+    p.add_argument("--device", type=str, default="cpu", help="torch device for the MC (cpu, cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", type=str, default="bgexp/targets/references/dimer.json")
     p.add_argument("--figure", type=str, default=None, help="optional figure path (png/pdf)")
@@ -168,12 +169,15 @@ def mbar_analysis(pymbar, d_n, window_n, centres, k_u, T, edges, compute_overlap
 def run_temperature(T: float, args, target: DimerTarget, pymbar, timeseries) -> tuple[dict, dict]:
     K, C = args.n_windows, args.chains_per_window
     centres = np.linspace(args.d_min, args.d_max, K)
-    gen = torch.Generator().manual_seed(args.seed + int(round(1000 * T)))
+    device = torch.device(args.device)
+    seed = args.seed + int(round(1000 * T))
+    gen_cpu = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     x0 = torch.cat([
-        target.initial_configurations("closed" if c < D_TRANSITION else "open", C, generator=gen)
+        target.initial_configurations("closed" if c < D_TRANSITION else "open", C, generator=gen_cpu)
         for c in centres
-    ])
-    chain_centre = torch.as_tensor(np.repeat(centres, C), dtype=x0.dtype)
+    ]).to(device)
+    chain_centre = torch.as_tensor(np.repeat(centres, C), dtype=x0.dtype, device=device)
     k_u = args.k_umbrella
 
     def biased_energy(x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +195,7 @@ def run_temperature(T: float, args, target: DimerTarget, pymbar, timeseries) -> 
                      progress=not args.no_progress, desc=f"umbrella T={T:g}")
     t_mc = time.time() - t0
     # d of every stored state: [n_kept, K*C] -> [K, C, n_kept]
-    d = torch.stack([target.dimer_distance(s) for s in res.samples]).double().numpy()
+    d = torch.stack([target.dimer_distance(s) for s in res.samples]).double().cpu().numpy()
     del res.samples
     d = d.T.reshape(K, C, n_kept)
     print(f"MC done in {t_mc:.0f} s; acceptance {res.acceptance:.3f}; step sizes "
@@ -324,10 +328,10 @@ def main(argv=None) -> None:
 
     command = shlex.join(["python", "scripts/reference_dimer.py",
                           *(sys.argv[1:] if argv is None else argv)])
-    target = DimerTarget(temperature=1.0)
-    settings = {k: v for k, v in vars(args).items() if k not in ("figure", "no_progress", "threads")}
+    target = DimerTarget(temperature=1.0).to(args.device)
+    settings = {k: v for k, v in vars(args).items() if k not in ("figure", "no_progress", "threads", "out")}
     settings.update({"bias": "u_k = (U + 0.5 k_umbrella (d - d_k)^2) / T", "mc": "Metropolis, all 76 "
-                     "coordinates per move, per-chain step size adapted during burn-in to acceptance 0.4",
+                     f"coordinates per move, per-chain step size adapted during burn-in to acceptance {args.target_acceptance:g}",
                      "decorrelation": "per-window statistical inefficiency of d "
                      "(pymbar.timeseries.statistical_inefficiency_multiple), chains subsampled by it",
                      "pymbar": pymbar.__version__, "torch": torch.__version__})

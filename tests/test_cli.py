@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TINY, run_cli
+from helpers import TINY, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -239,24 +239,11 @@ def test_sequential_flow_rejects_mismatched_dims():
         SequentialFlow([])
 
 
-# AffineStandardization.forward/inverse do not call check_input (bug reported): wrong shapes
-# broadcast silently ([batch, 1]) or fail with a RuntimeError instead of the contract's ValueError.
-# In "sequential-mixed" a 1-D input still reaches a coupling's check; the other shapes do not.
-def _lacks_shape_check(flow_name: str, bad_shape: str) -> bool:
-    return flow_name == "standardization" or (
-        flow_name == "sequential-mixed" and bad_shape != "one_dimensional"
-    )
-
-
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
 @pytest.mark.parametrize("bad_shape", ["wrong_last_dim", "last_dim_one", "one_dimensional"])
 def test_wrong_shape_raises_value_error_naming_the_expected_shape(
-    flow_name, direction, bad_shape, request
+    flow_name, direction, bad_shape
 ):
-    if _lacks_shape_check(flow_name, bad_shape):
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="AffineStandardization has no shape check (bug reported)")
-        )
     flow = build(flow_name)
     shape = {"wrong_last_dim": (3, flow.dim + 1), "last_dim_one": (3, 1), "one_dimensional": (flow.dim,)}
     with pytest.raises(ValueError, match=rf"\[batch, {flow.dim}\]"):

@@ -97,14 +97,18 @@ class AffineStandardization(Flow):
     @torch.no_grad()
     def fit(self, x: Tensor, min_std: float = 1e-6) -> "AffineStandardization":
         self.check_input(x, "data")
+        if x.shape[0] < 2:
+            raise ValueError("AffineStandardization.fit needs at least 2 samples")
         self.mean.copy_(x.mean(0).to(self.mean))
         self.std.copy_(x.std(0).clamp_min(min_std).to(self.std))
         return self
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_input(z, "z")
         logdet = torch.log(self.std).sum().to(z).expand(z.shape[0])
         return self.mean.to(z) + self.std.to(z) * z, logdet
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_input(x, "x")
         logdet = -torch.log(self.std).sum().to(x).expand(x.shape[0])
         return (x - self.mean.to(x)) / self.std.to(x), logdet

@@ -49,10 +49,13 @@ def metropolis(
     `thin`-th state after burn-in. Energies are reduced (kT)."""
     if x0.dim() != 2:
         raise ValueError(f"x0 must be [n_chains, dim], got {tuple(x0.shape)}")
-    if n_steps < 1 or thin < 1 or burn_in < 0:
+    if n_steps < 1 or thin < 1 or burn_in < 0 or thin > n_steps:
         raise ValueError(f"need n_steps >= 1, thin >= 1, burn_in >= 0 (got {n_steps}, {thin}, {burn_in})")
     x = x0.clone()
     u = energy(x)
+    if not bool(torch.isfinite(u).all()):
+        n_bad = int((~torch.isfinite(u)).sum())
+        raise ValueError(f"non-finite energy at {n_bad} of {len(u)} starting configurations")
     if constraint is not None and not bool(constraint(x).all()):
         raise ValueError("some starting configurations violate the MC constraint")
     n_chains = x.shape[0]

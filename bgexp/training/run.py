@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # the parts of a config that fix the model's structure: a checkpoint only fits a config whose
 # parts agree
 MODEL_KEYS = ("target", "flow")
+# the fully resolved config of a run, next to Hydra's .hydra/config.yaml (which keeps interpolations)
+RESOLVED_CONFIG = "config.yaml"
 
 
 class ConfigError(ValueError):
@@ -38,10 +40,12 @@ class ConfigError(ValueError):
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """sha256 of the resolved config without hydra/paths/ckpt_path (first 12 hex digits)."""
+    """sha256 of the resolved config without the parts that do not change results (hydra, paths,
+    logger, ckpt_path, data.cache_dir); first 12 hex digits."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("hydra", "paths", "ckpt_path"):
+    for key in ("hydra", "paths", "ckpt_path", "logger"):
         container.pop(key, None)
+    container.get("data", {}).pop("cache_dir", None)
     blob = json.dumps(container, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -213,6 +217,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    OmegaConf.save(OmegaConf.create(resolved), run_dir / RESOLVED_CONFIG)
     target = build_target(cfg)
     datamodule = build_datamodule(cfg, target)
     model = build_model(cfg, target)
@@ -283,11 +290,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "last") -> tuple[DictConfig,
     `checkpoint` is "last", "best" or a path to a .ckpt file (which must come from a run with the
     same target and flow config)."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / ".hydra" / "config.yaml"
+    cfg_path = run_dir / RESOLVED_CONFIG
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a bgexp run folder (no .hydra/config.yaml)")
+        raise FileNotFoundError(f"{run_dir} is not a bgexp run folder (no {RESOLVED_CONFIG})")
     cfg = OmegaConf.load(cfg_path)
-    cfg.paths.output_dir = str(Path(cfg.paths.output_dir))
     ckpt = Path(checkpoint) if checkpoint not in ("last", "best") else run_dir / "checkpoints" / f"{checkpoint}.ckpt"
     target = build_target(cfg)
     model = build_model(cfg, target)
