@@ -69,9 +69,11 @@ def _histograms(
     weights: Mapping[str, ArrayLike] | None,
     bins: int,
     clip_quantile: float,
+    range_from: str | None = None,
 ) -> None:
-    """Overlaid density histograms on a common binning; the x range spans, over all sets, the
-    quantiles [1 - q, q] of the finite values (q = clip_quantile; q = 1 takes the full range)."""
+    """Overlaid density histograms on a common binning; the x range spans, over all sets (or over
+    the set `range_from` alone, widened by half its span), the quantiles [1 - q, q] of the finite
+    values (q = clip_quantile; q = 1 takes the full range)."""
     if not 0.5 < clip_quantile <= 1.0:
         raise ValueError(f"clip_quantile must be in (0.5, 1], got {clip_quantile}")
     weights = weights or {}
@@ -79,8 +81,12 @@ def _histograms(
     if unknown:
         raise ValueError(f"weights given for unknown sets {sorted(unknown)}; sets are {sorted(values)}")
     sets = {name: _finite(v, weights.get(name)) for name, v in values.items()}
+    if range_from is not None and range_from not in sets:
+        raise ValueError(f"range_from={range_from!r} is not one of the sets {sorted(sets)}")
     lows, highs = [], []
-    for v, _, _ in sets.values():
+    for name, (v, _, _) in sets.items():
+        if range_from is not None and name != range_from:
+            continue
         if v.size:
             lows.append(np.quantile(v, 1.0 - clip_quantile))
             highs.append(np.quantile(v, clip_quantile))
@@ -90,6 +96,8 @@ def _histograms(
     lo, hi = min(lows), max(highs)
     if hi <= lo:  # all values equal
         lo, hi = lo - 0.5, hi + 0.5
+    if range_from is not None:
+        lo, hi = lo - 0.25 * (hi - lo), hi + 0.25 * (hi - lo)
     margin = 0.02 * (hi - lo)
     edges = np.linspace(lo - margin, hi + margin, int(bins) + 1)
     for name, (v, w, n_dropped) in sets.items():
@@ -127,14 +135,16 @@ def plot_energy_histograms(
     bins: int = 80,
     clip_quantile: float = 0.99,
     weights: Mapping[str, ArrayLike] | None = None,
+    range_from: str | None = None,
 ) -> Path:
     """Overlaid density histograms of reduced energies, e.g. {"data": u_md, "flow samples": u_bg,
     "reweighted": u_bg} with weights={"reweighted": w}. The x range is clipped to the
     [1 - clip_quantile, clip_quantile] quantiles so that a few huge energies do not squash the
-    plot; values outside it are counted in the legend."""
+    plot; values outside it are counted in the legend. `range_from="data"` takes the range from
+    that set alone (so an untrained flow's energies do not set the scale)."""
     fig = _new_figure()
     ax = fig.add_subplot()
-    _histograms(ax, energies, weights, bins, clip_quantile)
+    _histograms(ax, energies, weights, bins, clip_quantile, range_from)
     ax.set_xlabel("energy u(x) [kT]")
     ax.set_ylabel("density")
     if title:

@@ -37,8 +37,10 @@ class EvaluationCallback(pl.Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs != 0 or trainer.sanity_checking:
             return
         figure_dir = self.figure_dir if trainer.is_global_zero else None
+        datamodule = getattr(trainer, "datamodule", None)
+        data = getattr(datamodule, "x_val", None)
         result = evaluate(pl_module, n_samples=self.n_samples, batch_size=self.batch_size,
-                          n_bootstrap=self.n_bootstrap, figure_dir=figure_dir,
+                          n_bootstrap=self.n_bootstrap, figure_dir=figure_dir, data=data,
                           tag=f"epoch{trainer.current_epoch:04d}")
         pl_module.log_dict({f"eval/{k}": v for k, v in result.metrics.items()}, sync_dist=True)
         if trainer.is_global_zero:

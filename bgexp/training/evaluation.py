@@ -176,7 +176,8 @@ def evaluate(
     weights["reweighted samples"] = np.exp(log_w - np.max(log_w[np.isfinite(log_w)])) if np.isfinite(log_w).any() else np.zeros(n_samples)
     if fig_dir is not None:
         path = plots.plot_energy_histograms(energies, fig_dir / f"energies{suffix}.png", weights=weights,
-                                            title="reduced energies")
+                                            title="reduced energies",
+                                            range_from="data" if "data" in energies else None)
         figures["energies"] = str(path)
 
     return Evaluation(

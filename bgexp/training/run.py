@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from bgexp.flows.base import AffineStandardization, SequentialFlow
 from bgexp.training.callbacks import EvaluationCallback, log_figures
 from bgexp.training.data import TargetDataModule
 from bgexp.training.evaluation import Evaluation, evaluate
@@ -62,7 +63,10 @@ def build_target(cfg: DictConfig):
     return instantiate(_without_name(cfg.target))
 
 
-def build_model(cfg: DictConfig, target) -> BoltzmannGenerator:
+def build_model(cfg: DictConfig, target, data: torch.Tensor | None = None) -> BoltzmannGenerator:
+    """Prior + flow + target + loss. With `flow.standardize: true` the flow ends in an
+    AffineStandardization fitted to `data` (the training set), x = mean + std * y; when loading a
+    checkpoint its mean and std come from the checkpoint instead."""
     flow_cfg = OmegaConf.to_container(cfg.flow, resolve=True)
     transform = dict(flow_cfg["transform"])
     dim = transform.pop("dim", None)
@@ -72,6 +76,11 @@ def build_model(cfg: DictConfig, target) -> BoltzmannGenerator:
             f"whose dimension is {target.dim}; remove flow.transform.dim or set it to {target.dim}"
         )
     flow = instantiate(transform, dim=target.dim)
+    if flow_cfg.get("standardize", False):
+        standardization = AffineStandardization(target.dim)
+        if data is not None:
+            standardization.fit(data)
+        flow = SequentialFlow([flow, standardization])
     prior = instantiate(flow_cfg["prior"], dim=target.dim)
     loss = instantiate(cfg.loss)
     return BoltzmannGenerator(
@@ -222,7 +231,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     OmegaConf.save(OmegaConf.create(resolved), run_dir / RESOLVED_CONFIG)
     target = build_target(cfg)
     datamodule = build_datamodule(cfg, target)
-    model = build_model(cfg, target)
+    datamodule.setup()
+    model = build_model(cfg, target, data=datamodule.x_train)
     if cfg.get("ckpt_path"):
         read_checkpoint(cfg.ckpt_path, cfg)  # fail before training on a foreign or corrupt file
     logger = build_logger(cfg)

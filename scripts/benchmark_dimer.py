@@ -1,0 +1,108 @@
+"""Benchmark: the paper-sized Boltzmann generator on the bistable dimer, trained on CPU.
+
+Runs `bgexp-train experiment=dimer_benchmark` (8 RealNVP couplings, 3 x 200 tanh, joint loss
+KL + NLL; override anything with extra `key=value` arguments), then reads the run's
+results.json and writes outputs/benchmarks/dimer.json and dimer.md with: ESS, Delta F(closed ->
+open) at T = 1 with its 95% bootstrap CI and the umbrella-sampling/MBAR reference, whether the CI
+covers the reference, the RMSE of the free-energy profile along the dimer distance, the number of
+target energy evaluations used in training, and the wall time with the machine named.
+Goals (issue): |Delta F - reference| <= 0.3 kT with the CI covering it, ESS >= 5%, < 60 min.
+
+    python scripts/benchmark_dimer.py [--out-dir outputs/benchmarks] [hydra overrides ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", default="outputs/benchmarks")
+    parser.add_argument("--name", default="dimer")
+    args, overrides = parser.parse_known_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exe = Path(sys.executable).parent / "bgexp-train"
+    cmd = [str(exe), "experiment=dimer_benchmark", *overrides]
+    print("running:", " ".join(cmd), flush=True)
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - start
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"training failed (exit {proc.returncode})")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("results: "))
+    results_path = Path(line.split("results: ", 1)[1].strip())
+    results = json.loads(results_path.read_text())
+    df = results["delta_f"]["closed->open"]
+    ref = df.get("reference")
+    covered = None if ref is None or df["ci_low"] is None else bool(df["ci_low"] <= ref <= df["ci_high"])
+    error = None if ref is None or df["value"] is None else df["value"] - ref
+    row = {
+        "benchmark": args.name,
+        "command": " ".join(["python", "scripts/benchmark_dimer.py", *sys.argv[1:]]),
+        "overrides": overrides,
+        "machine": machine(),
+        "ess": results["ess"],
+        "n_samples": results["n_samples"],
+        "delta_f": df["value"],
+        "delta_f_ci95": [df["ci_low"], df["ci_high"]],
+        "reference": ref,
+        "reference_source": df.get("reference_source"),
+        "error": error,
+        "ci_covers_reference": covered,
+        "profile_rmse": results["metrics"].get("profile/dimer_distance/rmse"),
+        "nll_test": results.get("nll_test"),
+        "n_energy_evals_training": results["n_energy_evals"]["training"],
+        "wall_s_total": wall,
+        "wall_s_run": results["wall_s"],
+        "run_dir": str(results_path.parent),
+        "goals": {"abs_error_le_0.3": None if error is None else abs(error) <= 0.3,
+                  "ci_covers_reference": covered, "ess_ge_0.05": results["ess"] >= 0.05,
+                  "under_60_min": wall < 3600},
+    }
+    (out_dir / f"{args.name}.json").write_text(json.dumps(row, indent=2))
+    fmt = lambda v, p=3: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
+    md = [
+        f"# Dimer benchmark ({time.strftime('%Y-%m-%d')})", "",
+        f"Machine: {row['machine']}", f"Command: `{row['command']}`", "",
+        "| metric | value | goal |", "|---|---|---|",
+        f"| ESS | {100 * row['ess']:.2f}% of {row['n_samples']} | >= 5% |",
+        f"| Delta F(closed->open) [kT] | {fmt(row['delta_f'])} [{fmt(df['ci_low'])}, {fmt(df['ci_high'])}] | |",
+        f"| reference [kT] | {fmt(ref)} | |",
+        f"| error [kT] | {fmt(error)} | abs <= 0.3, CI covers: {covered} |",
+        f"| profile RMSE [kT] | {fmt(row['profile_rmse'])} | |",
+        f"| NLL held-out | {fmt(row['nll_test'])} | |",
+        f"| energy evaluations (training) | {row['n_energy_evals_training']:.3g} | (paper ~3e7) |",
+        f"| wall time | {wall / 60:.1f} min | < 60 min |",
+        "", f"Reference: {row['reference_source']}", f"Run folder: {row['run_dir']}",
+    ]
+    (out_dir / f"{args.name}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return row
+
+
+if __name__ == "__main__":
+    main()
