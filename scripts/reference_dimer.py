@@ -102,14 +102,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chains-per-window", type=int, default=16)
     p.add_argument("--burn-in", type=int, default=20000, help="MC steps discarded (step size adapted)")
     p.add_argument("--steps", type=int, default=60000, help="production MC steps per chain")
-    p.add_argument("--thin", type=int, default=20, help="store every thin-th state")
+    p.add_argument("--thin", type=int, default=25, help="store every thin-th state")
     p.add_argument("--step-size", type=float, default=0.02, help="initial MC step size (adapted)")
     p.add_argument("--target-acceptance", type=float, default=0.4,
                    help="acceptance rate the step sizes are adapted to during burn-in")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bins", type=int, default=40, help="profile bins over [0.5, 2.5]")
     p.add_argument("--device", type=str, default="cpu", help="torch device for the MC (cpu, cuda)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 by default: on a shared 2-core machine torch's "
+                        "intra-op threads slow the small per-step tensors down by 10x or more")
     p.add_argument("--out", type=str, default="bgexp/targets/references/dimer.json")
     p.add_argument("--figure", type=str, default=None, help="optional figure path (png/pdf)")
     p.add_argument("--no-progress", action="store_true")
@@ -132,18 +134,20 @@ def _delta_f(p_c, p_o, std_o) -> tuple[float, float]:
     return -math.log(p_o / p_c), std_o / (p_o * p_c)
 
 
-def mbar_analysis(pymbar, d_n, window_n, centres, k_u, T, edges, compute_overlap=True) -> dict:
-    """MBAR over the K biased windows + the unbiased state for samples d_n from windows window_n."""
+def mbar_analysis(pymbar, d_n, window_n, centres, k_u, T, edges, full=True) -> dict:
+    """MBAR over the K biased windows + the unbiased state for samples d_n from windows window_n.
+    full=False: Delta F only (no bins, no overlap)."""
     K = len(centres)
     N_k = np.append(np.bincount(window_n, minlength=K), 0)
     u_kn = np.zeros((K + 1, len(d_n)))
     u_kn[:K] = 0.5 * k_u * (d_n[None, :] - centres[:, None]) ** 2 / T
     mbar = pymbar.MBAR(u_kn, N_k, initialize="BAR" if K > 1 else "zeros")
     bin_idx = np.digitize(d_n, edges) - 1  # -1 / len(edges)-1 for out of range
-    n_bins = len(edges) - 1
+    n_bins = len(edges) - 1 if full else 0
     A = np.zeros((n_bins + 2, len(d_n)))
-    inside = (bin_idx >= 0) & (bin_idx < n_bins)
-    A[bin_idx[inside], np.nonzero(inside)[0]] = 1.0
+    if full:
+        inside = (bin_idx >= 0) & (bin_idx < n_bins)
+        A[bin_idx[inside], np.nonzero(inside)[0]] = 1.0
     A[n_bins] = d_n < D_TRANSITION
     A[n_bins + 1] = d_n >= D_TRANSITION
     # observables with no sample at all (empty bins, or a state never visited) have probability
@@ -160,7 +164,7 @@ def mbar_analysis(pymbar, d_n, window_n, centres, k_u, T, edges, compute_overlap
     out = {"p_bins": mu[:n_bins], "p_bins_std": sigma[:n_bins],
            "p_closed": mu[n_bins], "p_open": mu[n_bins + 1]}
     out["delta_f"], out["delta_f_std"] = _delta_f(mu[n_bins], mu[n_bins + 1], sigma[n_bins + 1])
-    if compute_overlap:
+    if full:
         O = mbar.compute_overlap()["matrix"]
         out["neighbour_overlap"] = np.array([O[k, k + 1] for k in range(K - 1)])
     return out
@@ -229,7 +233,7 @@ def run_temperature(T: float, args, target: DimerTarget, pymbar, timeseries) -> 
     for name, mask in [("first_half_time", half_time), ("second_half_time", ~half_time),
                        ("chains_half_a", half_chain), ("chains_half_b", ~half_chain)]:
         r = mbar_analysis(pymbar, d_n[mask], window_n[mask], centres, k_u, T, edges,
-                          compute_overlap=False)
+                          full=False)
         checks[name] = (r["delta_f"], r["delta_f_std"])
     t_mbar = time.time() - t1
 
@@ -335,25 +339,27 @@ def main(argv=None) -> None:
                      "decorrelation": "per-window statistical inefficiency of d "
                      "(pymbar.timeseries.statistical_inefficiency_multiple), chains subsampled by it",
                      "pymbar": pymbar.__version__, "torch": torch.__version__})
-    t0 = time.time()
-    temps, plots = {}, {}
-    for T in args.temperatures:
-        key = f"{T:g}"
-        temps[key], plots[key] = run_temperature(T, args, target, pymbar, timeseries)
-    wall = time.time() - t0
-    settings["wall_time_s"] = round(wall, 1)
     source = (f"Umbrella sampling along the dimer distance ({args.n_windows} windows over "
               f"[{args.d_min:g}, {args.d_max:g}], k={args.k_umbrella:g}, bias/T; Metropolis MC, "
               f"{args.chains_per_window} chains/window, {args.burn_in} burn-in + {args.steps} steps, "
               f"thin {args.thin}, decorrelated by statistical inefficiency) + MBAR (pymbar "
               f"{pymbar.__version__}); command: {command}")
-    out = {"source": source, "command": command, "settings": settings,
-           "created": datetime.datetime.now().isoformat(timespec="seconds"),
-           "temperatures": temps}
-    text = json.dumps(out, indent=1, allow_nan=False)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
-    print(f"\nwrote {args.out} (total wall time {wall:.0f} s)")
+    t0 = time.time()
+    temps, plots = {}, {}
+    for T in args.temperatures:
+        key = f"{T:g}"
+        temps[key], plots[key] = run_temperature(T, args, target, pymbar, timeseries)
+        # written after every temperature, so a long multi-temperature run keeps what it finished
+        wall = time.time() - t0
+        settings["wall_time_s"] = round(wall, 1)
+        out = {"source": source, "command": command, "settings": settings,
+               "created": datetime.datetime.now().isoformat(timespec="seconds"),
+               "temperatures": temps}
+        text = json.dumps(out, indent=1, allow_nan=False)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+        print(f"\nwrote {args.out} ({len(temps)} temperature(s); wall time so far {wall:.0f} s)",
+              flush=True)
     if args.figure:
         write_figure(args.figure, plots)
 
