@@ -78,3 +78,29 @@ def test_unknown_experiment_lists_the_options(tmp_path):
     assert proc.returncode != 0
     assert "no_such_experiment" in proc.stderr
     assert "dimer_realnvp" in proc.stderr  # Hydra lists the available options
+
+
+def test_resume_from_last_checkpoint(tiny_run, tmp_path):
+    import torch
+
+    last = tiny_run["run_dir"] / "checkpoints" / "last.ckpt"
+    before = torch.load(last, map_location="cpu", weights_only=False)
+    proc = run_cli("bgexp-train", [*TINY, "trainer.max_epochs=3", "logger=none", f"ckpt_path={last}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = next((tmp_path / "outputs" / "runs" / "dimer_realnvp").iterdir())
+    after = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert after["epoch"] == before["epoch"] + 1  # continued from epoch 2, trained one more
+    assert after["global_step"] > before["global_step"]
+    # the energy-evaluation counter carries over from the checkpoint
+    assert after["bgexp_counters"]["n_energy_evals_train"] > before["bgexp_counters"]["n_energy_evals_train"]
+    assert (run_dir / "results.json").is_file()
+
+
+def test_resume_refuses_a_checkpoint_of_another_flow(tiny_run, tmp_path):
+    last = tiny_run["run_dir"] / "checkpoints" / "last.ckpt"
+    overrides = [o for o in TINY if not o.startswith("flow.transform.n_couplings")]
+    proc = run_cli("bgexp-train", [*overrides, "flow.transform.n_couplings=2", "logger=none",
+                                   f"ckpt_path={last}"], tmp_path)
+    assert proc.returncode != 0
+    assert "another configuration" in proc.stderr
+    assert "flow.transform.n_couplings: checkpoint has 4, config has 2" in proc.stderr

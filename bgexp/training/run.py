@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from bgexp.flows.base import AffineStandardization, SequentialFlow
@@ -249,29 +250,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                       default_root_dir=str(run_dir))
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    is_wandb = isinstance(logger, WandbLogger)
+    exit_code = 1
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        results = finish_run(cfg, trainer, model, datamodule, logger if is_wandb else None, run_dir,
+                             checkpoint_dir, start)
+        exit_code = 0
+        return results
+    finally:
+        if is_wandb:  # one W&B run per job, closed even when training fails
+            import wandb
 
-    results: dict[str, Any] = {}
-    if trainer.is_global_zero:
-        evaluation = final_evaluation(cfg, model, datamodule.x_val, run_dir)
-        files: dict[str, Any] = {"checkpoint": str(checkpoint_dir / "last.ckpt"), "data": datamodule.source}
-        if cfg.get("save_samples", True):
-            samples_path = run_dir / "samples.npz"
-            np.savez(samples_path, **evaluation.samples)
-            files["samples"] = str(samples_path)
-        wandb_dir = None
-        if logger and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
-            logger.log_metrics({f"final/{k}": v for k, v in evaluation.metrics.items()}, step=trainer.global_step)
-            log_figures(trainer, {f"final_{k}": v for k, v in evaluation.figures.items()}, trainer.global_step)
-            wandb_dir = str(Path(logger.experiment.dir).parent)
-            files["wandb_run"] = wandb_dir
-        path = write_results(run_dir, cfg, model, evaluation, wall_s=time.time() - start, extra={"files": files})
-        results = json.loads(path.read_text())
-        print_summary(path, results, wandb_dir)
-    if logger and type(logger).__name__ == "WandbLogger":
-        import wandb
+            wandb.finish(exit_code=exit_code)
 
-        wandb.finish()
+
+def finish_run(cfg: DictConfig, trainer: pl.Trainer, model: BoltzmannGenerator, datamodule: TargetDataModule,
+               wandb_logger: WandbLogger | None, run_dir: Path, checkpoint_dir: Path,
+               start: float) -> dict[str, Any]:
+    """Final evaluation on rank zero: samples.npz, figures, W&B summary, results.json."""
+    if not trainer.is_global_zero:
+        return {}
+    evaluation = final_evaluation(cfg, model, datamodule.x_val, run_dir)
+    files: dict[str, Any] = {"checkpoint": str(checkpoint_dir / "last.ckpt"), "data": datamodule.source}
+    if cfg.get("save_samples", True):
+        samples_path = run_dir / "samples.npz"
+        np.savez(samples_path, **evaluation.samples)
+        files["samples"] = str(samples_path)
+    wandb_dir = None
+    if wandb_logger is not None:
+        wandb_logger.log_metrics({f"final/{k}": v for k, v in evaluation.metrics.items()}, step=trainer.global_step)
+        log_figures(trainer, {f"final_{k}": v for k, v in evaluation.figures.items()}, trainer.global_step)
+        wandb_dir = str(Path(wandb_logger.experiment.dir).parent)
+        files["wandb_run"] = wandb_dir
+    path = write_results(run_dir, cfg, model, evaluation, wall_s=time.time() - start, extra={"files": files})
+    results = json.loads(path.read_text())
+    print_summary(path, results, wandb_dir)
     return results
 
 
