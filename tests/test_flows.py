@@ -57,6 +57,7 @@ FLOWS = {
     "coupling-single-changed": lambda: AffineCoupling(torch.arange(6) != 3, HIDDEN, "silu"),
     "realnvp-1-tanh": lambda: RealNVP(8, 1, HIDDEN, "tanh"),
     "realnvp-3-relu-alternate": lambda: RealNVP(7, 3, HIDDEN, "relu", split="alternate"),
+    "realnvp-4-tanh-random": lambda: RealNVP(9, 4, HIDDEN, "tanh", split="random"),
     "realnvp-4-silu": lambda: RealNVP(6, 4, HIDDEN, "silu", max_log_scale=1.5),
     "realnvp-8-gelu": lambda: RealNVP(8, 8, (12,), "gelu"),
     "standardization": lambda: AffineStandardization(8),
@@ -205,7 +206,12 @@ def test_coupling_masks_alternate():
     assert torch.equal(masks[2], masks[0])
     assert coupling_masks(4, 2, "alternate")[0].tolist() == [True, False, True, False]
     with pytest.raises(ValueError, match="split"):
-        coupling_masks(4, 2, "random")
+        coupling_masks(4, 2, "diagonal")
+    random = coupling_masks(10, 4, "random", seed=1)
+    assert all(int(m.sum()) == 5 for m in random)
+    assert torch.equal(random[1], ~random[0]) and torch.equal(random[3], ~random[2])
+    assert not torch.equal(random[2], random[0])  # a new split for every pair
+    assert all(torch.equal(a, b) for a, b in zip(random, coupling_masks(10, 4, "random", seed=1)))
 
 
 def test_coupling_changes_only_the_transformed_part():

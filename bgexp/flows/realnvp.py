@@ -88,19 +88,28 @@ class AffineCoupling(Flow):
         return z, -log_scale.sum(-1)
 
 
-def coupling_masks(dim: int, n_couplings: int, split: str = "half") -> list[Tensor]:
+def coupling_masks(dim: int, n_couplings: int, split: str = "half", seed: int = 0) -> list[Tensor]:
     """Alternating masks: `half` keeps the first then the second half of the coordinates;
-    `alternate` keeps even then odd indices."""
+    `alternate` keeps even then odd indices; `random` draws a new random half (fixed by `seed`)
+    for every pair of couplings, the second of the pair keeping the complement."""
     if dim < 2:
         raise ValueError(f"couplings need dim >= 2, got {dim}")
     idx = torch.arange(dim)
     if split == "half":
-        base = idx < dim // 2
+        bases = [idx < dim // 2]
     elif split == "alternate":
-        base = idx % 2 == 0
+        bases = [idx % 2 == 0]
+    elif split == "random":
+        g = torch.Generator().manual_seed(seed)
+        bases = []
+        for _ in range((n_couplings + 1) // 2):
+            base = torch.zeros(dim, dtype=torch.bool)
+            base[torch.randperm(dim, generator=g)[: dim // 2]] = True
+            bases.append(base)
     else:
-        raise ValueError(f"unknown split {split!r}; choose 'half' or 'alternate'")
-    return [base if k % 2 == 0 else ~base for k in range(n_couplings)]
+        raise ValueError(f"unknown split {split!r}; choose 'half', 'alternate' or 'random'")
+    return [bases[(k // 2) % len(bases)] if k % 2 == 0 else ~bases[(k // 2) % len(bases)]
+            for k in range(n_couplings)]
 
 
 class RealNVP(SequentialFlow):
