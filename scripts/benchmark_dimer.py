@@ -9,6 +9,7 @@ target energy evaluations used in training, and the wall time with the machine n
 Goals (issue): |Delta F - reference| <= 0.3 kT with the CI covering it, ESS >= 5%, < 60 min.
 
     python scripts/benchmark_dimer.py [--out-dir outputs/benchmarks] [hydra overrides ...]
+    python scripts/benchmark_dimer.py --run-dir <finished run>   # re-evaluate, then summarise
 """
 
 from __future__ import annotations
@@ -41,11 +42,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="outputs/benchmarks")
     parser.add_argument("--name", default="dimer")
+    parser.add_argument("--run-dir", default=None,
+                        help="re-evaluate this finished run with bgexp-eval instead of training")
+    parser.add_argument("--n-samples", type=int, default=50000, help="samples for --run-dir")
     args, overrides = parser.parse_known_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    exe = Path(sys.executable).parent / "bgexp-train"
-    cmd = [str(exe), "experiment=dimer_benchmark", *overrides]
+    bin_dir = Path(sys.executable).parent
+    if args.run_dir:
+        cmd = [str(bin_dir / "bgexp-eval"), f"run_dir={args.run_dir}", f"n_samples={args.n_samples}", *overrides]
+    else:
+        cmd = [str(bin_dir / "bgexp-train"), "experiment=dimer_benchmark", *overrides]
     print("running:", " ".join(cmd), flush=True)
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -56,6 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
     line = next(l for l in proc.stdout.splitlines() if l.startswith("results: "))
     results_path = Path(line.split("results: ", 1)[1].strip())
     results = json.loads(results_path.read_text())
+    if args.run_dir:  # training time and energy evaluations are those of the original run
+        trained = json.loads((Path(args.run_dir) / "results.json").read_text())
+        wall = trained["wall_s"]
+        results["n_energy_evals"]["training"] = trained["n_energy_evals"]["training"]
     df = results["delta_f"]["closed->open"]
     ref = df.get("reference")
     covered = None if ref is None or df["ci_low"] is None else bool(df["ci_low"] <= ref <= df["ci_high"])

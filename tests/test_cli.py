@@ -104,3 +104,22 @@ def test_resume_refuses_a_checkpoint_of_another_flow(tiny_run, tmp_path):
     assert proc.returncode != 0
     assert "another configuration" in proc.stderr
     assert "flow.transform.n_couplings: checkpoint has 4, config has 2" in proc.stderr
+
+
+def test_benchmark_script_summarises_a_run(tiny_run, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO, cli_env
+
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_dimer.py"), "--run-dir",
+                           str(tiny_run["run_dir"]), "--n-samples", "300", "--out-dir", str(out), "n_bootstrap=10"],
+                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    row = json.loads((out / "dimer.json").read_text())
+    assert row["n_samples"] == 300 and 0 < row["ess"] <= 1
+    assert row["reference"] == pytest.approx(1.156, abs=0.01)  # the shipped umbrella/MBAR value
+    assert row["n_energy_evals_training"] == tiny_run["results"]["n_energy_evals"]["training"]
+    assert set(row["goals"]) == {"abs_error_le_0.3", "ci_covers_reference", "ess_ge_0.05", "under_60_min"}
+    assert "| ESS |" in (out / "dimer.md").read_text()
