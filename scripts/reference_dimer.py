@@ -64,9 +64,12 @@ step size is ~0.01 and the correlation time of d in a window is long: 150-1200 M
 (median ~500; short runs underestimate it: slow solvent rearrangement), up to ~8000 at T = 0.5.
 The std of Delta F scales like 1 / sqrt(windows x chains x steps) at fixed window settings.
 * CPU defaults (this 2-core machine, shared with other jobs, --threads 1; 560 chains at
-  ~7.5 ms per step): T = 1 takes about 15 min and gives std(Delta F) ~ 0.1 kT. A std below
-  0.05 kT would need about 4x the production steps (~1 h). Keep --threads 1 on a shared machine:
-  with 2 torch threads and other jobs running, each step became 10-20x slower.
+  ~7.5-8 ms per step): `python scripts/reference_dimer.py` (T = 1) took 14.2 min (823 s MC +
+  26 s MBAR) and gave Delta F = 0.932 +- 0.106 kT; with --seed 1, 15.6 min and 1.089 +- 0.105
+  (the stored GPU value: 1.156 +- 0.036; differences 2.0 and 0.6 sigma). Halves of one run differ
+  by up to ~2 sigma, so the analytical std of such a short run is probably ~1.3x optimistic. A std
+  below 0.05 kT would need ~4-5x the production steps (~1 h) on this machine. Keep --threads 1 on
+  a shared machine: with 2 torch threads and other jobs running, each step became 10-20x slower.
 * The stored file was made on one NVIDIA H200 GPU (4480 chains per temperature, ~0.65 ms per
   step, about 2 min of MC + 0.5 min of MBAR per temperature), with pymbar 4.0.3 + numexpr installed
   from wheels there:
@@ -249,8 +252,10 @@ def run_temperature(T: float, args, target: DimerTarget, pymbar, timeseries) -> 
     t1 = time.time()
     main = mbar_analysis(pymbar, d_n, window_n, centres, k_u, T, edges)
     checks = {}
-    for name, mask in [("first_half_time", half_time), ("second_half_time", ~half_time),
-                       ("chains_half_a", half_chain), ("chains_half_b", ~half_chain)]:
+    splits = [("first_half_time", half_time), ("second_half_time", ~half_time)]
+    if C >= 2:
+        splits += [("chains_half_a", half_chain), ("chains_half_b", ~half_chain)]
+    for name, mask in splits:
         r = mbar_analysis(pymbar, d_n[mask], window_n[mask], centres, k_u, T, edges,
                           full=False)
         checks[name] = (r["delta_f"], r["delta_f_std"])

@@ -71,8 +71,9 @@ class DimerTarget(Target):
     def repulsion(self, x: Tensor) -> Tensor:
         r = x.reshape(x.shape[0], self.n_particles, self.n_dims)
         diff = r[:, self.pair_i] - r[:, self.pair_j]
-        r2 = (diff**2).sum(-1)
-        return self.eps * ((self.rm**2 / r2) ** 6).sum(-1)
+        q = self.rm**2 / (diff**2).sum(-1)
+        q3 = q * q * q  # (rm/r)^12 as q3 * q3: several times faster than a power
+        return self.eps * (q3 * q3).sum(-1)
 
     def restraint(self, x: Tensor) -> Tensor:
         x0, y0, x1, y1 = x[:, 0], x[:, 1], x[:, 2], x[:, 3]
