@@ -43,3 +43,24 @@ def test_reference_profile_has_the_two_minima_and_a_barrier():
     opened = f[(x > 1.9) & (x < 2.2)].min()
     barrier = f[(x > 1.4) & (x < 1.6)].max()
     assert barrier - max(closed, opened) > 5.0
+
+
+def test_reference_script_runs_end_to_end(tmp_path):
+    """A tiny umbrella-sampling run through the real CLI writes the file format the target reads."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "reference_dimer.py"
+    out = tmp_path / "dimer.json"
+    proc = subprocess.run([sys.executable, str(script), "--n-windows", "12", "--chains-per-window", "2",
+                           "--burn-in", "100", "--steps", "400", "--thin", "10", "--threads", "1",
+                           "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    entry = data["temperatures"]["1"]
+    df = entry["delta_f"]["closed->open"]
+    assert df["ci_low"] <= df["value"] <= df["ci_high"]
+    assert len(entry["profiles"]["dimer_distance"]["f"]) == 40
+    assert "reference_dimer.py" in data["command"]
