@@ -172,13 +172,26 @@ def evaluate(
             u_data = bg.energy(data[:n_samples].to(bg.device))
         energies = {"data": u_data.double().cpu().numpy(), **energies}
         weights = {"data": np.ones(len(u_data)), **weights}
+    finite_w = np.isfinite(log_w)
+    w = np.exp(log_w - np.max(log_w[finite_w])) if finite_w.any() else np.zeros(n_samples)
     energies["reweighted samples"] = energies["flow samples"]
-    weights["reweighted samples"] = np.exp(log_w - np.max(log_w[np.isfinite(log_w)])) if np.isfinite(log_w).any() else np.zeros(n_samples)
+    weights["reweighted samples"] = w
     if fig_dir is not None:
         path = plots.plot_energy_histograms(energies, fig_dir / f"energies{suffix}.png", weights=weights,
                                             title="reduced energies",
                                             range_from="data" if "data" in energies else None)
         figures["energies"] = str(path)
+        # each observable: data vs flow samples vs reweighted samples
+        for obs_name, obs in target.observables.items():
+            values = {"flow samples": obs(x).double().cpu().numpy()}
+            if data is not None and len(data) > 0:
+                values = {"data": obs(data[:n_samples]).double().cpu().numpy(), **values}
+            values["reweighted samples"] = values["flow samples"]
+            path = plots.plot_observable_histogram(
+                values, fig_dir / f"histogram_{obs_name}{suffix}.png", xlabel=obs_name.replace("_", " "),
+                weights={"reweighted samples": w}, clip_quantile=0.995,
+            )
+            figures[f"histogram_{obs_name}"] = str(path)
 
     return Evaluation(
         metrics=metrics,
