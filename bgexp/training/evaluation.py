@@ -143,9 +143,9 @@ def evaluate(
     if fig_dir is not None:
         fig_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"_{tag}" if tag else ""
-    for obs_name, obs in target.observables.items():
+    observed = {name: obs(x).double().cpu().numpy() for name, obs in target.observables.items()}
+    for obs_name, values in observed.items():
         ref_profile = (reference.profiles.get(obs_name) if reference is not None else None) or None
-        values = obs(x).double().cpu().numpy()
         bins = np.asarray(ref_profile["bin_edges"]) if ref_profile and "bin_edges" in ref_profile else profile_bins
         centres, f = free_energy_profile(values, log_w, bins=bins)
         ref_plot = None
@@ -183,7 +183,7 @@ def evaluate(
         figures["energies"] = str(path)
         # each observable: data vs flow samples vs reweighted samples
         for obs_name, obs in target.observables.items():
-            values = {"flow samples": obs(x).double().cpu().numpy()}
+            values = {"flow samples": observed[obs_name]}
             if data is not None and len(data) > 0:
                 values = {"data": obs(data[:n_samples]).double().cpu().numpy(), **values}
             values["reweighted samples"] = values["flow samples"]
