@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy.special import logsumexp
 
-from bgexp.estimators.weights import _as_1d, _as_mask, _log_w, as_float64
+from bgexp.estimators.weights import _as_1d, _as_mask, _checked, _log_w, as_float64
 
 __all__ = ["free_energy_difference", "fep", "bar", "mbar"]
 
@@ -173,17 +173,7 @@ def mbar(u_kn: Any, n_k: Any) -> tuple[np.ndarray, np.ndarray]:
     Reference: Shirts & Chodera, "Statistically optimal analysis of samples from multiple
     equilibrium states", J. Chem. Phys. 129, 124105 (2008).
     """
-    u = as_float64(u_kn)
-    if u.ndim != 2:
-        raise ValueError(f"u_kn must be two-dimensional [K states, N samples], got shape {tuple(u.shape)}")
-    if u.size == 0:
-        raise ValueError(f"u_kn is empty (shape {tuple(u.shape)}); need at least one state and one sample")
-    n_nan = int(np.isnan(u).sum())
-    if n_nan:
-        raise ValueError(f"u_kn contains {n_nan} NaN value(s) out of {u.size}")
-    n_neginf = int(np.isneginf(u).sum())
-    if n_neginf:
-        raise ValueError(f"u_kn contains {n_neginf} -inf value(s); reduced energies must be > -inf")
+    u = _checked(u_kn, "u_kn [K states, N samples]", ndim=2, allow_posinf=True)
     nk = as_float64(n_k)
     if nk.ndim != 1 or nk.size != u.shape[0]:
         raise ValueError(f"n_k must have one entry per state (K={u.shape[0]}), got shape {tuple(nk.shape)}")

@@ -38,13 +38,16 @@ def as_float64(a: Any) -> np.ndarray:
     return out
 
 
-def _as_1d(a: Any, name: str, *, allow_posinf: bool = False, allow_neginf: bool = False) -> np.ndarray:
-    """float64 1-D array with the package's checks: non-empty, no NaN, infinities as allowed."""
+def _checked(a: Any, name: str, *, ndim: int = 1, allow_posinf: bool = False,
+             allow_neginf: bool = False) -> np.ndarray:
+    """float64 array of `ndim` dimensions with the package's checks: non-empty, no NaN,
+    infinities as allowed."""
     x = as_float64(a)
-    if x.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional [n_samples], got shape {tuple(x.shape)}")
+    if x.ndim != ndim:
+        expected = "one-dimensional [n_samples]" if ndim == 1 else f"{ndim}-dimensional"
+        raise ValueError(f"{name} must be {expected}, got shape {tuple(x.shape)}")
     if x.size == 0:
-        raise ValueError(f"{name} is empty; at least one sample is required")
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); at least one sample is required")
     n_nan = int(np.isnan(x).sum())
     if n_nan:
         raise ValueError(f"{name} contains {n_nan} NaN value(s) out of {x.size}")
@@ -57,6 +60,11 @@ def _as_1d(a: Any, name: str, *, allow_posinf: bool = False, allow_neginf: bool 
         if n:
             raise ValueError(f"{name} contains {n} -inf value(s) out of {x.size}; -inf is not allowed here")
     return x
+
+
+def _as_1d(a: Any, name: str, *, allow_posinf: bool = False, allow_neginf: bool = False) -> np.ndarray:
+    """float64 1-D array of samples with the checks of `_checked`."""
+    return _checked(a, name, ndim=1, allow_posinf=allow_posinf, allow_neginf=allow_neginf)
 
 
 def _check_same_length(**arrays: np.ndarray) -> None:
