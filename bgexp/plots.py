@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_energy_histograms", "plot_free_energy_profile", "plot_observable_histogram"]
+__all__ = ["plot_energy_histograms", "plot_free_energy_profile", "plot_free_energy_surface", "plot_observable_histogram"]
 
 ArrayLike = np.ndarray | Sequence[float]
 
@@ -251,4 +251,38 @@ def plot_free_energy_profile(
         ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_free_energy_surface(
+    x_edges: ArrayLike,
+    y_edges: ArrayLike,
+    p: np.ndarray,
+    path: str | Path,
+    reference: np.ndarray | None = None,
+    xlabel: str = "phi",
+    ylabel: str = "psi",
+    title: str | None = None,
+    max_f: float = 10.0,
+) -> Path:
+    """F = -ln p (kT, minimum at zero, empty bins blank) of a 2-D histogram p[x, y] as a colour
+    map; with `reference`, a second panel shows the reference histogram on the same scale."""
+    panels = [("estimate", np.asarray(p, dtype=float))]
+    if reference is not None:
+        panels.append(("reference", np.asarray(reference, dtype=float)))
+    fig = _new_figure((5.0 * len(panels) + 0.8, 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    image = None
+    for ax, (name, hist) in zip(axes, panels):
+        with np.errstate(divide="ignore"):
+            f = -np.log(hist)
+        finite = np.isfinite(f)
+        if finite.any():
+            f = f - f[finite].min()
+        f = np.where(finite & (f <= max_f), f, np.nan)
+        image = ax.pcolormesh(_as_array(x_edges), _as_array(y_edges), f.T, vmin=0, vmax=max_f, cmap="viridis")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(name if title is None or name == "reference" else title, fontsize="small")
+    fig.colorbar(image, ax=list(axes), label="free energy F [kT]")
     return _save(fig, path)

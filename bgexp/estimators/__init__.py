@@ -8,7 +8,7 @@ neither Lightning, Hydra, ``bgexp.flows`` nor ``bgexp.targets``.
 
 from bgexp.estimators.bootstrap import BootstrapResult, bootstrap
 from bgexp.estimators.free_energy import bar, fep, free_energy_difference, mbar
-from bgexp.estimators.profiles import align_profiles, free_energy_profile
+from bgexp.estimators.profiles import align_profiles, free_energy_profile, histogram_kl, weighted_histogram2d
 from bgexp.estimators.weights import as_float64, ess, log_weights, normalized_weights
 
 __all__ = [
@@ -24,4 +24,6 @@ __all__ = [
     "bootstrap",
     "free_energy_profile",
     "align_profiles",
+    "weighted_histogram2d",
+    "histogram_kl",
 ]

@@ -1,4 +1,4 @@
-"""One-dimensional free-energy profiles (potentials of mean force) from (weighted) samples."""
+"""Free-energy profiles (potentials of mean force) and histograms from (weighted) samples."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 
 from bgexp.estimators.weights import _as_1d, _check_same_length, as_float64, normalized_weights
 
-__all__ = ["free_energy_profile", "align_profiles"]
+__all__ = ["free_energy_profile", "align_profiles", "weighted_histogram2d", "histogram_kl"]
 
 
 def free_energy_profile(
@@ -100,3 +100,36 @@ def align_profiles(f: Any, f_ref: Any, max_f_ref: float | None = None) -> tuple[
     shifted = a + c
     rmse = float(np.sqrt(np.mean((shifted[mask] - r[mask]) ** 2)))
     return shifted, rmse
+
+
+def weighted_histogram2d(a: Any, b: Any, log_w: Any, x_edges: Any, y_edges: Any) -> np.ndarray:
+    """Probability of each 2-D bin under self-normalised weights: P_jk = sum_{i in bin jk} wbar_i.
+
+    Samples outside the edges keep their weight in the normalisation (so P sums to the
+    probability of the covered region); samples with log w = -inf weigh nothing.
+    """
+    sa = _as_1d(a, "a", allow_posinf=False, allow_neginf=False)
+    sb = _as_1d(b, "b", allow_posinf=False, allow_neginf=False)
+    lw = _as_1d(log_w, "log_w", allow_posinf=False, allow_neginf=True)
+    _check_same_length(a=sa, b=sb, log_w=lw)
+    p, _, _ = np.histogram2d(sa, sb, bins=[as_float64(x_edges), as_float64(y_edges)], weights=normalized_weights(lw))
+    return p
+
+
+def histogram_kl(p_ref: Any, p: Any, eps: float = 1e-10) -> float:
+    """KL(p_ref || p) = sum_j p_ref_j ln(p_ref_j / p_j) over the bins of two histograms.
+
+    Both are renormalised to sum to one; bins where p_ref is zero contribute nothing, and p is
+    floored at ``eps`` so that a reference bin the model misses gives a large, finite penalty.
+    This is the discrete KL divergence used to compare Ramachandran histograms (Köhler, Krämer,
+    Noé, "Smooth normalizing flows", NeurIPS 2021).
+    """
+    r = as_float64(p_ref).ravel()
+    q = as_float64(p).ravel()
+    if r.shape != q.shape:
+        raise ValueError(f"histograms differ in size: {r.size} and {q.size} bins")
+    if np.any(r < 0) or np.any(q < 0) or r.sum() <= 0 or q.sum() <= 0:
+        raise ValueError("histograms must be non-negative with a positive total")
+    r, q = r / r.sum(), np.maximum(q / q.sum(), eps)
+    m = r > 0
+    return float(np.sum(r[m] * np.log(r[m] / q[m])))

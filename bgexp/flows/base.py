@@ -5,7 +5,9 @@ A flow maps latent points z to configurations x and back:
     forward(z) -> (x, log|det dx/dz|)
     inverse(x) -> (z, log|det dz/dx|)
 
-Both log-determinants have shape [batch]. Every flow keeps this contract however it is built
+Both log-determinants have shape [batch]. `dim` is the width of z; a flow whose x has another
+width (a coordinate transform that removes rigid-body motion, R^{3N-6} -> R^{3N}) also sets
+`dim_out`; `out_dim(flow)` reads either. Every flow keeps this contract however it is built
 (couplings, ODEs, root finding), so that flows compose (`SequentialFlow`) and invert
 (`InverseFlow`) without knowing each other's internals (compare zuko's Transform).
 """
@@ -38,6 +40,11 @@ class Flow(nn.Module):
             )
 
 
+def out_dim(flow: Flow) -> int:
+    """The width of the flow's x side (`dim_out` where the flow changes width, else `dim`)."""
+    return int(getattr(flow, "dim_out", flow.dim))
+
+
 class SequentialFlow(Flow):
     """Composition f_K o ... o f_1; log-dets add up: log|det J| = sum_k log|det J_k|."""
 
@@ -46,10 +53,16 @@ class SequentialFlow(Flow):
         self.layers = nn.ModuleList(layers)
         if len(self.layers) == 0:
             raise ValueError("SequentialFlow needs at least one layer")
-        dims = {layer.dim for layer in self.layers}
-        if len(dims) != 1:
-            raise ValueError(f"SequentialFlow layers disagree on dim: {sorted(dims)}")
-        self.dim = dims.pop()
+        for k in range(1, len(self.layers)):
+            before, after = out_dim(self.layers[k - 1]), self.layers[k].dim
+            if before != after:
+                raise ValueError(
+                    f"SequentialFlow layers disagree on dim: layer {k - 1} "
+                    f"({type(self.layers[k - 1]).__name__}) outputs {before}, layer {k} "
+                    f"({type(self.layers[k]).__name__}) expects {after}"
+                )
+        self.dim = self.layers[0].dim
+        self.dim_out = out_dim(self.layers[-1])
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         logdet = z.new_zeros(z.shape[0])
@@ -72,7 +85,8 @@ class InverseFlow(Flow):
     def __init__(self, flow: Flow):
         super().__init__()
         self.flow = flow
-        self.dim = flow.dim
+        self.dim = out_dim(flow)
+        self.dim_out = flow.dim
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return self.flow.inverse(z)

@@ -37,6 +37,8 @@ class Reference:
     delta_f: dict[str, ReferenceValue] = field(default_factory=dict)
     profiles: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     source: str = ""
+    # 2-D histograms: name -> {"observables": [a, b], "x_edges", "y_edges", "p" (probabilities)}
+    surfaces: dict[str, dict] = field(default_factory=dict)
 
 
 def load_reference_file(name: str) -> dict | None:

@@ -1,8 +1,12 @@
 """Training data: MC/MD samples of a target, cached on disk with the settings that made them.
 
-Two sources:
+Sources:
 - `path`: a user's own .npz file with an array `x` of shape [n, dim] (MD frames, flattened).
   A missing, unreadable, wrongly shaped or non-finite file is an error that names the file.
+- `path`: an MD folder of `bgexp.targets.dynamics` (scripts/generate_md.py). With `md` settings
+  the MD is run into that folder when it is missing or incomplete (a killed run resumes).
+- `path`: a trajectory file in any format mdtraj reads, with `topology` (a PDB file); the atom
+  count must match the target.
 - generated: when `path` is null, the data are produced by `bgexp.targets.md.sample_states`
   and cached as `<cache_dir>/<name>-<hash>.npz`, where the hash covers the target's config and
   the sampler settings. The file stores those settings; a cache whose stored settings differ
@@ -26,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from bgexp.targets.base import Target
+from bgexp.targets.dynamics import MDError, MDSettings, is_complete, load_md, load_trajectory, run_md
 from bgexp.targets.md import sample_states
 
 log = logging.getLogger(__name__)
@@ -85,6 +90,9 @@ class TargetDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         split_seed: int = 0,
         progress: bool = True,
+        md: dict[str, Any] | None = None,
+        topology: str | None = None,
+        split: str = "random",
     ):
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -92,7 +100,13 @@ class TargetDataModule(pl.LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if path is None and not generate:
-            raise ValueError("data needs either data.path (an .npz file) or data.generate settings")
+            raise ValueError("data needs either data.path (an .npz file, MD folder or trajectory) "
+                             "or data.generate settings")
+        if split not in ("random", "tail"):
+            raise ValueError(f"data.split must be 'random' or 'tail' (the last frames held out), got {split!r}")
+        self.md_settings = dict(md) if md else None
+        self.topology = topology
+        self.split = split
         self.target = target
         self.target_config = target_config or {"class": type(target).__name__}
         self.path = Path(path) if path else None
@@ -143,10 +157,35 @@ class TargetDataModule(pl.LightningDataModule):
             return None
         return arrays["x"]
 
+    def _load_md_folder(self) -> np.ndarray:
+        if self.md_settings is not None and not is_complete(self.path):
+            if not hasattr(self.target, "system"):
+                raise DataError(f"data.md: {type(self.target).__name__} is not an OpenMM target; "
+                                f"MD data cannot be generated for it")
+            md = dict(self.md_settings)
+            platform, threads = md.pop("platform", "CPU"), md.pop("threads", None)
+            log.info("running MD into %s", self.path)
+            run_md(self.target, self.path, MDSettings(**md), platform=platform, threads=threads,
+                   progress=self.progress)
+        try:
+            return load_md(self.path, n_atoms=self.target.dim // 3).x
+        except MDError as err:
+            raise DataError(str(err)) from err
+
     def load_all(self) -> np.ndarray:
         if self.path is not None:
             self.source = str(self.path)
-            return load_npz(self.path, self.target.dim)["x"]
+            if self.path.is_dir() or self.md_settings is not None:
+                return self._load_md_folder()
+            if self.path.suffix == ".npz":
+                return load_npz(self.path, self.target.dim)["x"]
+            if self.topology is None:
+                raise DataError(f"data file {self.path} is a trajectory: give its topology as data.topology")
+            try:
+                traj = load_trajectory(self.path, self.topology, self.target.dim // 3)
+            except MDError as err:
+                raise DataError(str(err)) from err
+            return traj.xyz.reshape(traj.n_frames, -1)
         path = self.cache_path()
         x = self._load_cache(path)
         if x is None:
@@ -158,7 +197,10 @@ class TargetDataModule(pl.LightningDataModule):
         if self.x_train is not None:
             return
         x = torch.as_tensor(self.load_all(), dtype=torch.get_default_dtype())
-        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.split_seed))
+        if self.split == "tail":  # correlated MD frames: hold out the end of the trajectory
+            perm = torch.arange(x.shape[0] - 1, -1, -1)
+        else:
+            perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.split_seed))
         n_val = max(1, int(round(self.val_fraction * x.shape[0])))
         if x.shape[0] - n_val < 1:
             raise DataError(f"only {x.shape[0]} samples: too few to split into train and validation")

@@ -6,6 +6,8 @@ For N flow samples x_i ~ q with log-weights log w_i = -u(x_i) - log q(x_i):
   states (first state -> each other state), with a bootstrap confidence interval;
 - the reweighted free-energy profile F(s) = -ln p(s) along each observable that has a reference
   profile, and its RMSE against the reference after aligning the additive constant;
+- the reweighted 2-D histogram of each pair of observables the target lists in `surfaces`
+  (the Ramachandran plot of ALA2) and its KL divergence KL(reference || reweighted);
 - NLL of held-out data, -E[log q(x)], when data are given.
 Samples with non-finite energy get weight zero and are counted (`n_nonfinite_energies`).
 """
@@ -27,7 +29,9 @@ from bgexp.estimators import (
     ess,
     free_energy_difference,
     free_energy_profile,
+    histogram_kl,
     log_weights,
+    weighted_histogram2d,
 )
 from bgexp.training.module import BoltzmannGenerator
 
@@ -162,6 +166,25 @@ def evaluate(
                 xlabel=obs_name.replace("_", " "), title=f"reweighted profile, ESS {100 * metrics['ess']:.1f}%",
             )
             figures[f"profile_{obs_name}"] = str(path)
+
+    # 2-D free-energy surfaces (Ramachandran plot) and their KL divergence from the reference --
+    for surf_name, (obs_a, obs_b, range_a, range_b) in getattr(target, "surfaces", {}).items():
+        ref_surface = (reference.surfaces.get(surf_name) if reference is not None else None) or None
+        if ref_surface is not None:
+            x_edges, y_edges = np.asarray(ref_surface["x_edges"]), np.asarray(ref_surface["y_edges"])
+        else:
+            x_edges = np.linspace(range_a[0], range_a[1], profile_bins + 1)
+            y_edges = np.linspace(range_b[0], range_b[1], profile_bins + 1)
+        p = weighted_histogram2d(observed[obs_a], observed[obs_b], log_w, x_edges, y_edges)
+        p_ref = np.asarray(ref_surface["p"]) if ref_surface is not None else None
+        if p_ref is not None and p.sum() > 0:
+            metrics[f"surface/{surf_name}/kl"] = histogram_kl(p_ref, p)
+        if fig_dir is not None:
+            kl = metrics.get(f"surface/{surf_name}/kl")
+            title = f"reweighted, ESS {100 * metrics['ess']:.1f}%" + (f", KL {kl:.3f}" if kl is not None else "")
+            path = plots.plot_free_energy_surface(x_edges, y_edges, p, fig_dir / f"surface_{surf_name}{suffix}.png",
+                                                  reference=p_ref, xlabel=obs_a, ylabel=obs_b, title=title)
+            figures[f"surface_{surf_name}"] = str(path)
 
     # held-out data ---------------------------------------------------------------------------
     energies = {"flow samples": u.double().cpu().numpy()}

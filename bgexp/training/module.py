@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from bgexp.flows.base import Flow
+from bgexp.flows.base import Flow, out_dim
 from bgexp.targets.base import Target
 from bgexp.training.losses import JointLoss
 
@@ -41,8 +41,8 @@ class BoltzmannGenerator(pl.LightningModule):
         super().__init__()
         if getattr(prior, "dim", flow.dim) != flow.dim:
             raise ValueError(f"prior dim {prior.dim} does not match flow dim {flow.dim}")
-        if flow.dim != target.dim:
-            raise ValueError(f"flow dim {flow.dim} does not match target dim {target.dim}")
+        if out_dim(flow) != target.dim:
+            raise ValueError(f"flow output dim {out_dim(flow)} does not match target dim {target.dim}")
         self.prior, self.flow, self.target, self.loss = prior, flow, target, loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.seed = int(seed)

@@ -64,25 +64,72 @@ def build_target(cfg: DictConfig):
     return instantiate(_without_name(cfg.target))
 
 
+def build_coordinates(node: dict[str, Any], target, data: torch.Tensor | None):
+    """The mixed internal/Cartesian representation of a molecular target (flow.coordinates).
+
+    `cartesian` is an mdtraj selection string (e.g. "backbone", "name N or name CA or name C")
+    or a list of atom indices; all other atoms get internal coordinates from a Z-matrix built
+    from the topology's bonds. With `whiten`, the Cartesian block is whitened by PCA on `data`.
+    """
+    from bgexp.flows.coordinates import MixedCoordinates, ZMatrix
+
+    topology = getattr(target, "topology", None)
+    if topology is None:
+        raise ConfigError(f"flow.coordinates needs a molecular target with a topology; "
+                          f"{type(target).__name__} has none (use a flow without coordinates)")
+    import mdtraj
+
+    md_top = mdtraj.Topology.from_openmm(topology) if not isinstance(topology, mdtraj.Topology) else topology
+    selection = node.get("cartesian", "backbone")
+    if isinstance(selection, str):
+        try:
+            cartesian = md_top.select(selection)
+        except Exception as err:
+            raise ConfigError(f"flow.coordinates.cartesian={selection!r} is not a valid mdtraj selection: {err}") from err
+    else:
+        cartesian = np.asarray(selection, dtype=int)
+    if len(cartesian) < 3:
+        raise ConfigError(f"flow.coordinates.cartesian={selection!r} selects {len(cartesian)} atoms; at least 3 "
+                          f"are needed to fix the rigid-body frame")
+    coordinates = MixedCoordinates(ZMatrix.from_topology(md_top, cartesian=cartesian),
+                                   whiten=bool(node.get("whiten", True)))
+    if data is not None:
+        coordinates.fit(data.double())
+    return coordinates
+
+
 def build_model(cfg: DictConfig, target, data: torch.Tensor | None = None) -> BoltzmannGenerator:
-    """Prior + flow + target + loss. With `flow.standardize: true` the flow ends in an
-    AffineStandardization fitted to `data` (the training set), x = mean + std * y; when loading a
-    checkpoint its mean and std come from the checkpoint instead."""
+    """Prior + flow + target + loss.
+
+    The flow is [transform (RealNVP, ...)] -> [AffineStandardization if flow.standardize] ->
+    [MixedCoordinates if flow.coordinates]. The transform works in the latent width: the
+    target's dimension, or 3N - 6 with coordinates. The standardization is fitted to the training
+    data (in feature space when there are coordinates), x = mean + std * y; when loading a
+    checkpoint, its fitted buffers come from the checkpoint instead."""
     flow_cfg = OmegaConf.to_container(cfg.flow, resolve=True)
     transform = dict(flow_cfg["transform"])
+    coordinates = None
+    if flow_cfg.get("coordinates"):
+        coordinates = build_coordinates(flow_cfg["coordinates"], target, data)
+    latent_dim = coordinates.dim if coordinates is not None else target.dim
     dim = transform.pop("dim", None)
-    if dim is not None and int(dim) != target.dim:
+    if dim is not None and int(dim) != latent_dim:
         raise ConfigError(
-            f"flow.transform.dim={dim} does not match the target {cfg.target.get('name', '')!r}, "
-            f"whose dimension is {target.dim}; remove flow.transform.dim or set it to {target.dim}"
+            f"flow.transform.dim={dim} does not match the latent dimension {latent_dim} of target "
+            f"{cfg.target.get('name', '')!r}; remove flow.transform.dim or set it to {latent_dim}"
         )
-    flow = instantiate(transform, dim=target.dim)
+    layers = [instantiate(transform, dim=latent_dim)]
     if flow_cfg.get("standardize", False):
-        standardization = AffineStandardization(target.dim)
+        standardization = AffineStandardization(latent_dim)
         if data is not None:
-            standardization.fit(data)
-        flow = SequentialFlow([flow, standardization])
-    prior = instantiate(flow_cfg["prior"], dim=target.dim)
+            with torch.no_grad():
+                features = coordinates.inverse(data.double())[0].to(data.dtype) if coordinates is not None else data
+            standardization.fit(features)
+        layers.append(standardization)
+    if coordinates is not None:
+        layers.append(coordinates.to(torch.get_default_dtype()))
+    flow = layers[0] if len(layers) == 1 else SequentialFlow(layers)
+    prior = instantiate(flow_cfg["prior"], dim=latent_dim)
     loss = instantiate(cfg.loss)
     return BoltzmannGenerator(
         prior=prior,
@@ -231,6 +278,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resolved.pop("hydra", None)
     OmegaConf.save(OmegaConf.create(resolved), run_dir / RESOLVED_CONFIG)
     target = build_target(cfg)
+    try:  # an OpenMM target owns worker processes: closed however training ends (errors, Ctrl-C)
+        return _train(cfg, target, run_dir, start)
+    finally:
+        if hasattr(target, "close"):
+            target.close()
+
+
+def _train(cfg: DictConfig, target, run_dir: Path, start: float) -> dict[str, Any]:
     datamodule = build_datamodule(cfg, target)
     datamodule.setup()
     model = build_model(cfg, target, data=datamodule.x_train)
@@ -277,6 +332,8 @@ def finish_run(cfg: DictConfig, trainer: pl.Trainer, model: BoltzmannGenerator, 
         samples_path = run_dir / "samples.npz"
         np.savez(samples_path, **evaluation.samples)
         files["samples"] = str(samples_path)
+        if getattr(model.target, "topology", None) is not None:
+            files.update(write_sample_trajectory(model.target, evaluation.samples, run_dir))
     wandb_dir = None
     if wandb_logger is not None:
         wandb_logger.log_metrics({f"final/{k}": v for k, v in evaluation.metrics.items()}, step=trainer.global_step)
@@ -287,6 +344,24 @@ def finish_run(cfg: DictConfig, trainer: pl.Trainer, model: BoltzmannGenerator, 
     results = json.loads(path.read_text())
     print_summary(path, results, wandb_dir)
     return results
+
+
+def write_sample_trajectory(target, samples: dict[str, np.ndarray], run_dir: Path,
+                            max_frames: int = 2000) -> dict[str, str]:
+    """Flow samples of a molecular target as samples.dcd + samples_topology.pdb (VMD, PyMOL):
+    the first `max_frames` samples with finite energy, in nm, superposed on the structure."""
+    import mdtraj
+
+    x, u = samples["x"], samples.get("energy")
+    keep = np.isfinite(u) if u is not None else np.ones(len(x), dtype=bool)
+    xyz = x[keep][:max_frames].reshape(-1, target.dim // 3, 3).astype(np.float32)
+    top = mdtraj.Topology.from_openmm(target.topology)
+    reference = mdtraj.Trajectory(np.asarray(target.positions, dtype=np.float32)[None], top)
+    traj = mdtraj.Trajectory(xyz, top).superpose(reference)
+    top_path, dcd_path = run_dir / "samples_topology.pdb", run_dir / "samples.dcd"
+    reference.save_pdb(str(top_path))
+    traj.save_dcd(str(dcd_path))
+    return {"samples_trajectory": str(dcd_path), "samples_topology": str(top_path)}
 
 
 def print_summary(path: Path, results: dict[str, Any], wandb_dir: str | None) -> None:

@@ -1,0 +1,63 @@
+"""Batched, differentiable molecular geometry in torch: distances, bond angles, torsions.
+
+Shared by flows (internal coordinates) and targets (observables such as the backbone
+dihedrals); it imports neither. Points have shape [..., 3]; results have shape [...].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def norm(v: Tensor, keepdim: bool = False) -> Tensor:
+    return torch.linalg.vector_norm(v, dim=-1, keepdim=keepdim)
+
+
+def dot(u: Tensor, v: Tensor) -> Tensor:
+    return (u * v).sum(-1)
+
+
+def normalize(v: Tensor) -> Tensor:
+    """v / |v|; the norm is floored at the smallest normal float so that an exactly zero
+    vector gives zeros instead of NaN (only degenerate geometries ever reach the floor)."""
+    return v / norm(v, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+
+
+def bond_lengths(xi: Tensor, xj: Tensor) -> Tensor:
+    """|x_i - x_j|."""
+    return norm(xi - xj)
+
+
+def bond_angles(xi: Tensor, xj: Tensor, xk: Tensor) -> Tensor:
+    """The angle i-j-k at vertex j, in [0, pi].
+
+    Computed as atan2(|u x v|, u . v) with u = x_i - x_j, v = x_k - x_j, which (unlike
+    acos(cos)) needs no clamping and stays accurate near 0 and pi.
+    """
+    u, v = xi - xj, xk - xj
+    return torch.atan2(norm(torch.linalg.cross(u, v)), dot(u, v))
+
+
+def dihedrals(xi: Tensor, xj: Tensor, xk: Tensor, xl: Tensor) -> Tensor:
+    """The torsion i-j-k-l (IUPAC sign convention, as in mdtraj), in [-pi, pi).
+
+    With b1 = x_j - x_i, b2 = x_k - x_j, b3 = x_l - x_k:
+        phi = atan2(|b2| b1 . (b2 x b3), (b1 x b2) . (b2 x b3)).
+    atan2 returns (-pi, pi]; the value pi is mapped to -pi so that the range is half-open.
+    """
+    b1, b2, b3 = xj - xi, xk - xj, xl - xk
+    n2 = torch.linalg.cross(b2, b3)
+    y = norm(b2) * dot(b1, n2)
+    x = dot(torch.linalg.cross(b1, b2), n2)
+    phi = torch.atan2(y, x)
+    return torch.where(phi >= math.pi, phi - 2 * math.pi, phi)
+
+
+def torsion_of(x: Tensor, atoms: tuple[int, int, int, int]) -> Tensor:
+    """The torsion of four atoms of flattened configurations x [batch, 3 N]."""
+    xyz = x.reshape(x.shape[0], -1, 3)
+    i, j, k, l = atoms
+    return dihedrals(xyz[:, i], xyz[:, j], xyz[:, k], xyz[:, l])

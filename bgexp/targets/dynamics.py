@@ -1,0 +1,285 @@
+"""Molecular dynamics data for OpenMM targets: Langevin dynamics written in resumable chunks.
+
+`run_md(target, out_dir, ...)` integrates Langevin dynamics (OpenMM's LangevinMiddleIntegrator,
+the BAOAB splitting of Zhang et al. 2019, accurate in configuration space) from the target's
+structure and writes, inside `out_dir`:
+
+    topology.pdb              the starting structure: open the trajectory with it in VMD / PyMOL
+    metadata.json             temperature, force field, timestep, friction, length, seed, platform,
+                              OpenMM version, progress; status "running" or "complete"
+    chunks/chunk_NNNNN.dcd    frames written through mdtraj, for viewers (VMD, PyMOL, mdtraj)
+    chunks/chunk_NNNNN.npz    the same frames at full float32 precision in nm (`x`), their
+                              potential energies (kJ/mol) and forces (kJ/mol/nm); training reads these
+    state.xml                 the simulation state after the last complete chunk (checkpoint)
+
+Every file is written to a temporary name and renamed, the chunk first and the checkpoint last,
+so a run killed at any moment resumes from its last complete chunk (`run_md` on the same folder
+continues; a chunk written after the last checkpoint is discarded and redone). `load_md` reads
+the chunks back and checks them against the topology.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METADATA = "metadata.json"
+TOPOLOGY = "topology.pdb"
+STATE = "state.xml"
+CHUNKS = "chunks"
+
+
+class MDError(ValueError):
+    """An MD folder or trajectory that is missing, inconsistent or does not fit the topology."""
+
+
+@dataclass
+class MDSettings:
+    """Langevin settings. `n_frames` frames, one every `report_interval` steps, after
+    `equilibration_steps` unrecorded steps; chunks of `chunk_frames` frames are the unit of
+    checkpointing."""
+
+    n_frames: int = 1000
+    report_interval: int = 500
+    timestep_fs: float = 2.0
+    friction_per_ps: float = 1.0
+    equilibration_steps: int = 10000
+    chunk_frames: int = 100
+    seed: int = 0
+    minimize: bool = True
+
+    def check(self) -> None:
+        for name in ("n_frames", "report_interval", "chunk_frames"):
+            if getattr(self, name) < 1:
+                raise MDError(f"md.{name} must be >= 1, got {getattr(self, name)}")
+        if self.timestep_fs <= 0 or self.friction_per_ps <= 0:
+            raise MDError("md.timestep_fs and md.friction_per_ps must be positive")
+        if self.equilibration_steps < 0:
+            raise MDError(f"md.equilibration_steps must be >= 0, got {self.equilibration_steps}")
+
+
+@dataclass
+class MDData:
+    """Frames of an MD folder: x [n, 3 N] nm (float32), energies [n] kJ/mol, forces [n, 3 N]."""
+
+    x: np.ndarray
+    energies: np.ndarray
+    forces: np.ndarray
+    metadata: dict[str, Any]
+    topology_path: Path
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True)))
+
+
+def _chunk_paths(out_dir: Path, k: int) -> tuple[Path, Path]:
+    base = out_dir / CHUNKS / f"chunk_{k:05d}"
+    return base.with_suffix(".dcd"), base.with_suffix(".npz")
+
+
+def read_metadata(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir) / METADATA
+    if not path.is_file():
+        raise MDError(f"{out_dir} is not an MD folder: it has no {METADATA}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MDError(f"{path} is not valid JSON ({err})") from err
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    try:
+        return read_metadata(out_dir).get("status") == "complete"
+    except MDError:
+        return False
+
+
+def run_md(target, out_dir: str | Path, settings: MDSettings | None = None, platform: str = "CPU",
+           threads: int | None = None, progress: bool = True) -> Path:
+    """Run (or resume) Langevin MD of an `OpenMMTarget` into `out_dir`; returns `out_dir`.
+
+    Resuming requires the same settings, target and temperature; anything else is an MDError
+    that names the differing fields (start a new folder instead).
+    """
+    import mdtraj
+    import openmm
+    from openmm import app, unit
+
+    settings = settings or MDSettings()
+    settings.check()
+    out_dir = Path(out_dir)
+    (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
+    metadata = {
+        **target.metadata(),
+        "settings": asdict(settings),
+        "platform": platform,
+        "openmm_version": openmm.version.version,
+        "length_ps": settings.n_frames * settings.report_interval * settings.timestep_fs / 1000.0,
+        "frame_interval_ps": settings.report_interval * settings.timestep_fs / 1000.0,
+        "units": {"positions": "nm", "energies": "kJ/mol", "forces": "kJ/mol/nm"},
+    }
+    n_chunks = -(-settings.n_frames // settings.chunk_frames)
+    meta_path = out_dir / METADATA
+    chunks_done = 0
+    if meta_path.exists():
+        old = read_metadata(out_dir)
+        keys = ("target", "n_atoms", "temperature_kelvin", "forcefield", "settings")
+        differing = [k for k in keys if old.get(k) != metadata.get(k)]
+        if differing:
+            raise MDError(
+                f"{out_dir} holds an MD run with other {', '.join(differing)} "
+                f"({ {k: old.get(k) for k in differing} }); choose a new folder to start another run"
+            )
+        chunks_done = int(old.get("chunks_done", 0))
+        if chunks_done >= n_chunks and old.get("status") == "complete":
+            log.info("MD in %s is already complete (%d frames)", out_dir, settings.n_frames)
+            return out_dir
+        if chunks_done and not (out_dir / STATE).exists():
+            raise MDError(f"{out_dir}: metadata says {chunks_done} chunks are done but {STATE} is missing")
+    for stale in (out_dir / CHUNKS).glob("chunk_*"):
+        if int(stale.stem.split("_")[1]) >= chunks_done:
+            stale.unlink()  # written after the last checkpoint: redo it
+
+    system = target.system
+    integrator = openmm.LangevinMiddleIntegrator(
+        target.temperature * unit.kelvin, settings.friction_per_ps / unit.picosecond,
+        settings.timestep_fs * unit.femtosecond)
+    integrator.setRandomNumberSeed(int(settings.seed) * 100003 + chunks_done + 1)
+    properties = {"Threads": str(threads)} if (platform == "CPU" and threads) else {}
+    simulation = app.Simulation(target.topology, system, integrator,
+                                openmm.Platform.getPlatformByName(platform), properties)
+    if chunks_done == 0:
+        _write_atomic(out_dir / TOPOLOGY, lambda p: app.PDBFile.writeFile(
+            target.topology, target.positions * unit.nanometer, open(p, "w"), keepIds=True))
+        simulation.context.setPositions(target.positions * unit.nanometer)
+        if settings.minimize:
+            simulation.minimizeEnergy()
+        simulation.context.setVelocitiesToTemperature(target.temperature * unit.kelvin, int(settings.seed) + 1)
+        _write_json(meta_path, {**metadata, "status": "running", "chunks_done": 0, "frames_done": 0})
+        if settings.equilibration_steps:
+            log.info("equilibrating %d steps", settings.equilibration_steps)
+            simulation.step(settings.equilibration_steps)
+    else:
+        simulation.loadState(str(out_dir / STATE))
+        log.info("resuming MD in %s after %d of %d chunks", out_dir, chunks_done, n_chunks)
+
+    md_top = mdtraj.Topology.from_openmm(target.topology)
+    bar = _progress(n_chunks * settings.chunk_frames, chunks_done * settings.chunk_frames, progress)
+    start = time.time()
+    try:
+        for k in range(chunks_done, n_chunks):
+            n = min(settings.chunk_frames, settings.n_frames - k * settings.chunk_frames)
+            xyz = np.empty((n, target.n_atoms, 3), dtype=np.float32)
+            energies, forces = np.empty(n), np.empty((n, target.n_atoms, 3), dtype=np.float32)
+            for i in range(n):
+                simulation.step(settings.report_interval)
+                state = simulation.context.getState(getPositions=True, getEnergy=True, getForces=True)
+                xyz[i] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+                energies[i] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+                forces[i] = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+                bar.update(1)
+            if not np.all(np.isfinite(xyz)) or not np.all(np.isfinite(energies)):
+                raise MDError(f"MD in {out_dir} blew up in chunk {k} (non-finite positions or energies); "
+                              f"reduce md.timestep_fs")
+            dcd, npz = _chunk_paths(out_dir, k)
+            _write_atomic(dcd, lambda p: mdtraj.Trajectory(xyz, md_top).save_dcd(str(p)))
+            _write_atomic(npz, lambda p: np.savez(open(p, "wb"), x=xyz, energies=energies, forces=forces))
+            _write_atomic(out_dir / STATE, lambda p: simulation.saveState(str(p)))
+            done = k + 1
+            _write_json(meta_path, {
+                **metadata,
+                "status": "complete" if done == n_chunks else "running",
+                "chunks_done": done,
+                "frames_done": min(done * settings.chunk_frames, settings.n_frames),
+                "wall_s_last_session": time.time() - start,
+            })
+    finally:
+        bar.close()
+    return out_dir
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="MD frames", unit="frame", disable=not enabled)
+
+
+def load_md(out_dir: str | Path, n_atoms: int | None = None, allow_incomplete: bool = False) -> MDData:
+    """All complete chunks of an MD folder; MDError when missing, incomplete or mismatched."""
+    import mdtraj
+
+    out_dir = Path(out_dir)
+    metadata = read_metadata(out_dir)
+    if metadata.get("status") != "complete" and not allow_incomplete:
+        raise MDError(
+            f"MD in {out_dir} is incomplete ({metadata.get('frames_done', 0)} frames of "
+            f"{metadata.get('settings', {}).get('n_frames')}); run it to the end (it resumes) or allow incomplete data"
+        )
+    top_path = out_dir / TOPOLOGY
+    if not top_path.is_file():
+        raise MDError(f"{out_dir} has no {TOPOLOGY}")
+    top = mdtraj.load_topology(str(top_path))
+    expected = n_atoms if n_atoms is not None else top.n_atoms
+    if top.n_atoms != expected:
+        raise MDError(f"{top_path} has {top.n_atoms} atoms but the target has {expected}")
+    xs, es, fs = [], [], []
+    for k in range(int(metadata.get("chunks_done", 0))):
+        _, npz = _chunk_paths(out_dir, k)
+        try:
+            with np.load(npz) as f:
+                xyz, energies, forces = f["x"], f["energies"], f["forces"]
+        except (OSError, KeyError, ValueError) as err:
+            raise MDError(f"cannot read MD chunk {npz}: {err}") from err
+        if xyz.ndim != 3 or xyz.shape[1:] != (expected, 3):
+            raise MDError(f"MD chunk {npz} holds frames of {xyz.shape[1:]} but the topology has {expected} atoms")
+        if len(energies) != len(xyz):
+            raise MDError(f"{npz} holds {len(energies)} energies for {len(xyz)} frames")
+        xs.append(xyz.reshape(len(xyz), -1))
+        es.append(energies)
+        fs.append(forces.reshape(len(xyz), -1))
+    if not xs:
+        raise MDError(f"{out_dir} holds no complete chunk yet")
+    return MDData(np.concatenate(xs).astype(np.float32), np.concatenate(es), np.concatenate(fs),
+                  metadata, top_path)
+
+
+def load_trajectory(path: str | Path, topology: str | Path, n_atoms: int):
+    """An mdtraj trajectory of any format mdtraj reads, checked against the expected atom count."""
+    import mdtraj
+
+    path = Path(path)
+    if not path.is_file():
+        raise MDError(f"trajectory file {path} does not exist")
+    try:
+        top = mdtraj.load_topology(str(topology))
+    except Exception as err:
+        raise MDError(f"cannot read topology {topology}: {err}") from err
+    if top.n_atoms != n_atoms:
+        raise MDError(f"topology {topology} has {top.n_atoms} atoms but the target has {n_atoms}")
+    try:
+        traj = mdtraj.load(str(path), top=top)
+    except ValueError as err:  # mdtraj: "xyz must be shape (Any, N, 3)" / atom count mismatch
+        raise MDError(
+            f"trajectory {path} does not fit topology {topology} ({n_atoms} atoms): {err}"
+        ) from err
+    except Exception as err:
+        raise MDError(f"cannot read trajectory {path}: {err}") from err
+    if traj.n_atoms != n_atoms:
+        raise MDError(f"trajectory {path} has {traj.n_atoms} atoms but the target has {n_atoms}")
+    return traj
