@@ -155,7 +155,13 @@ def test_from_bonds_valid_and_deterministic():
     for i, j, k, l in zm.rows.tolist():
         assert frozenset((i, j)) in bonded, (i, j)
         assert frozenset((j, k)) in bonded, (j, k)  # this molecule is big enough for bonded refs
-        assert IS_HEAVY[k] and IS_HEAVY[l]  # hydrogens are never angle/torsion references here
+        # hydrogens are never angle references; a hydrogen torsion reference is a sibling on j
+        assert IS_HEAVY[k] and (IS_HEAVY[l] or frozenset((j, l)) in bonded)
+    rows = zm.rows.tolist()
+    for n, (i, j, k, l) in enumerate(rows):  # later siblings take the first sibling as reference
+        earlier = [r[0] for r in rows[:n] if (r[1], r[2]) == (j, k)]
+        if earlier:
+            assert l == earlier[0], (i, j, k, l)
     # the constructor revalidates (placed-before, coverage) without complaint
     ZMatrix(zm.n_atoms, zm.cartesian, zm.rows)
     # tiny graph: falls back to non-bonded placed atoms
@@ -373,15 +379,19 @@ def test_fit_whitens_the_cartesian_block():
     block = f[:, flow.slices["cartesian"]]
     assert block.mean(0).abs().max() < 1e-10
     assert torch.allclose(torch.cov(block.T), torch.eye(block.shape[1], dtype=block.dtype), atol=1e-8)
-    # internal coordinates are left raw
-    assert torch.equal(f[:, flow.n_body:], raw[:, flow.n_body:])
+    # bonds and angles are left raw; torsions are only re-cut (shifted modulo 2 pi)
+    tors = flow.slices["torsions"]
+    assert torch.equal(f[:, flow.n_body:tors.start], raw[:, flow.n_body:tors.start])
+    diff = torch.remainder(f[:, tors] - raw[:, tors] + flow.torsion_shift + math.pi, 2 * math.pi) - math.pi
+    assert diff.abs().max() < 1e-12
+    assert f[:, tors].min() >= -math.pi and f[:, tors].max() < math.pi
     # buffers survive a state-dict round trip
     other = flow_for()
     other.load_state_dict(flow.state_dict())
     assert torch.allclose(other.inverse(data[:3])[0], f[:3])
     # whiten=False: fit leaves the identity
     plain = flow_for(whiten=False).fit(data)
-    assert torch.allclose(plain.inverse(data)[0], raw)
+    assert torch.allclose(plain.inverse(data)[0][:, : plain.n_body], raw[:, : plain.n_body])
 
 
 def test_fit_rank_deficient_warns_and_floors():
@@ -408,3 +418,23 @@ def test_gradients_are_finite(dtype):
     y, ld2 = flow.forward(z)
     (y.square().sum() + ld2.sum()).backward()
     assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_torsion_cut_is_placed_where_the_data_are_sparse():
+    """A torsion whose data sit around +-pi is re-cut so that its features form one mode."""
+    zm = ZMatrix.from_bonds(4, [(0, 1), (1, 2), (2, 3)], [0, 1, 2])
+    gen = torch.Generator().manual_seed(0)
+    n = 500
+    t = math.pi + 0.3 * torch.randn(n, generator=gen, dtype=torch.float64)  # a mode across the seam
+    frame = torch.tensor([[0.0, 0.0, 0.0], [0.15, 0.0, 0.0], [0.2, 0.14, 0.0]], dtype=torch.float64)
+    xyz = frame.expand(n, 3, 3)
+    x3 = place_atoms(xyz[:, 2], xyz[:, 1], xyz[:, 0], torch.full((n,), 0.15, dtype=torch.float64),
+                     torch.full((n,), 1.9, dtype=torch.float64), t)
+    x = torch.cat([xyz, x3[:, None]], 1).reshape(n, -1)
+    flow = MixedCoordinates(zm, whiten=False).double()
+    raw = flow.inverse(x)[0][:, -1]
+    assert raw.std() > 2.0  # split into two halves at +-pi
+    f, _ = flow.fit(x).inverse(x)
+    assert f[:, -1].std() < 0.4  # one mode after re-cutting
+    back, _ = flow.forward(f)
+    assert torch.allclose(superpose(back, x[0].reshape(-1, 3)), superpose(x, x[0].reshape(-1, 3)), atol=1e-10)

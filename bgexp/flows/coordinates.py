@@ -16,7 +16,8 @@ forward(inverse(x)) equals x after optimal superposition (`superpose`, Kabsch), 
 exactly when x is already in the body frame.
 
 Features are ordered [cartesian block (3 n_c - 6), bonds (n_ic), angles (n_ic), torsions
-(n_ic)]; torsions are raw angles in [-pi, pi) (`circular` marks them), bonds and angles are raw.
+(n_ic)]; torsions are angles in [-pi, pi) (`circular` marks them), measured from a per-torsion
+cut that `fit` places where the data are least dense; bonds and angles are raw.
 The bijection's domain is r_ab > 0, y_c > 0, bonds > 0 and angles in (0, pi) (torsions are
 periodic). `forward` accepts features outside it (it uses |r_ab|, |y_c|, |b|, |sin a| in the
 log-det, so the values stay finite) but then returns a reflected/flipped configuration whose
@@ -242,6 +243,8 @@ class ZMatrix:
         k, then a heavy l (a torsion measured from a rotating methyl hydrogen would be a poor
         coordinate), then a proper chain i-j-k-l, then the earliest placed. When the graph is too
         small locally, k and l fall back to any placed atom, nearest in the bond graph first.
+        Siblings (later atoms with the same j and k as an earlier one) use that first sibling as l,
+        so that e.g. the 2nd and 3rd methyl hydrogens have narrow +-120 deg torsions.
         Deterministic. Raises ValueError if an atom is not connected to the Cartesian atoms.
         """
         n = int(n_atoms)
@@ -311,6 +314,7 @@ class ZMatrix:
             return best[1], best[2]
 
         rows: list[tuple[int, int, int, int]] = []
+        first_sibling: dict[tuple[int, int], int] = {}
         queue = list(cart)
         head = 0
         while head < len(queue):
@@ -321,6 +325,13 @@ class ZMatrix:
                     continue
                 j = min((a for a in neighbours[i] if a in order), key=rank)
                 k, l = references(i, j)
+                # siblings (atoms on the same j, with the same k, e.g. the hydrogens of a methyl):
+                # the later ones take the first as torsion reference, so their torsion is the
+                # narrow offset about the j-k axis (~ +-120 deg) instead of another copy of the
+                # wide, multimodal rotor angle
+                first = first_sibling.setdefault((j, k), i)
+                if first != i:
+                    l = first
                 rows.append((i, j, k, l))
                 order[i] = len(order)
                 queue.append(i)
@@ -424,6 +435,9 @@ class MixedCoordinates(Flow):
         self.register_buffer("level_rows", torch.as_tensor(perm, dtype=torch.long))
         bounds = np.cumsum([0] + [len(g) for g in levels])
         self._level_bounds = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        # torsion features are t' = wrap(t - torsion_shift) in [-pi, pi): `fit` puts the cut of
+        # each torsion (t' = +-pi) where the data are least dense; unit Jacobian
+        self.register_buffer("torsion_shift", torch.zeros(self.n_ic, dtype=torch.float64))
         # whitening: body = mean + eigvecs @ (scale * w); identity until `fit`
         self.register_buffer("body_mean", torch.zeros(n_cb, dtype=torch.float64))
         self.register_buffer("body_eigvecs", torch.eye(n_cb, dtype=torch.float64))
@@ -473,6 +487,7 @@ class MixedCoordinates(Flow):
         self._check(x, self.dim_out, "data", "Cartesian coordinates")
         if x.shape[0] < 2:
             raise ValueError(f"MixedCoordinates.fit needs at least 2 configurations, got {x.shape[0]}")
+        self._fit_torsion_cuts(x)
         if not self.whiten:
             return self
         body = self.body_coordinates(x)
@@ -502,6 +517,24 @@ class MixedCoordinates(Flow):
         self.body_scale.copy_(evals.sqrt().to(self.body_scale))
         return self
 
+    def _fit_torsion_cuts(self, x: Tensor, n_bins: int = 36) -> None:
+        """Place each torsion's cut at the centre of the least populated window of three
+        adjacent bins (of `n_bins` on the circle), so that no mode of the data straddles +-pi."""
+        if not self.n_ic:
+            return
+        xyz = x.reshape(x.shape[0], self.n_atoms, 3)
+        i, j, k, l = self.rows.unbind(-1)
+        t = dihedrals(xyz[:, i], xyz[:, j], xyz[:, k], xyz[:, l])  # [n, n_ic]
+        edges = torch.linspace(-math.pi, math.pi, n_bins + 1, dtype=torch.float64)
+        index = torch.bucketize(t.contiguous(), edges[1:-1])  # [n, n_ic] in 0..n_bins-1
+        counts = torch.zeros(self.n_ic, n_bins, dtype=torch.float64)
+        counts.scatter_add_(1, index.T, torch.ones_like(index.T, dtype=torch.float64))
+        window = counts + counts.roll(1, 1) + counts.roll(-1, 1)
+        centres = 0.5 * (edges[1:] + edges[:-1])
+        cut = centres[window.argmin(1)]
+        shift = torch.remainder(cut + math.pi + math.pi, 2 * math.pi) - math.pi
+        self.torsion_shift.copy_(shift.to(self.torsion_shift))
+
     # ---------------------------------------------------------------- the bijection
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -528,7 +561,7 @@ class MixedCoordinates(Flow):
         if self.n_ic:
             bonds = z[:, self.slices["bonds"]]
             angles = z[:, self.slices["angles"]]
-            torsions = z[:, self.slices["torsions"]]
+            torsions = z[:, self.slices["torsions"]] + self.torsion_shift.to(z)
             for start, stop in self._level_bounds:
                 sel = self.level_rows[start:stop]
                 i, j, k, l = self.rows[sel].unbind(-1)
@@ -554,7 +587,8 @@ class MixedCoordinates(Flow):
             xi, xj, xk, xl = xyz[:, i], xyz[:, j], xyz[:, k], xyz[:, l]
             bonds = bond_lengths(xi, xj)
             angles = bond_angles(xi, xj, xk)
-            torsions = dihedrals(xi, xj, xk, xl)
+            torsions = dihedrals(xi, xj, xk, xl) - self.torsion_shift.to(x)
+            torsions = torch.remainder(torsions + math.pi, 2 * math.pi) - math.pi
             feats += [bonds, angles, torsions]
             logdet = logdet - (2 * torch.log(bonds) + torch.log(torch.sin(angles))).sum(-1)
         return torch.cat(feats, dim=-1), logdet
