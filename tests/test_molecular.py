@@ -222,3 +222,64 @@ def _not_child_of_run(pid: int) -> bool:
         return Path(f"/proc/{pid}/cmdline").read_bytes().find(b"_openmm_worker") < 0
     except FileNotFoundError:
         return True
+
+
+def test_data_module_concatenates_several_md_folders(ala2, ala2_md):
+    dm = TargetDataModule(ala2, path=[str(ala2_md), str(ala2_md)], val_fraction=0.1, batch_size=8)
+    dm.setup()
+    assert dm.x_train.shape[0] + dm.x_val.shape[0] == 80 and str(ala2_md) in dm.source
+
+
+# BPTI ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bpti(tmp_path_factory):
+    from bgexp.targets.peptides import BPTI
+
+    with BPTI(cache_dir=str(tmp_path_factory.mktemp("structures")), n_workers=2) as target:
+        yield target
+
+
+@pytest.fixture(scope="module")
+def bpti_md(bpti, tmp_path_factory):
+    out = tmp_path_factory.mktemp("md") / "bpti"
+    run_md(bpti, out, MDSettings(n_frames=4, report_interval=10, chunk_frames=2, equilibration_steps=0,
+                                 minimize=False, seed=0), threads=1, progress=False)
+    return load_md(out, n_atoms=892)
+
+
+def test_bpti_bridge_energies_and_forces_equal_a_direct_context(bpti, bpti_md):
+    import openmm
+
+    x = np.concatenate([bpti_md.x, bpti.positions.reshape(1, -1)]).astype(np.float64)
+    u, f = bpti.bridge.evaluate(x)
+    context = openmm.Context(bpti.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    kbt = bpti.bridge.kbt
+    for k, xk in enumerate(x):
+        context.setPositions(xk.reshape(-1, 3))
+        state = context.getState(getEnergy=True, getForces=True)
+        e_ref, f_ref = state.getPotentialEnergy()._value, state.getForces(asNumpy=True)._value.reshape(-1)
+        assert u[k] * kbt == pytest.approx(e_ref, rel=1e-5, abs=0.05)
+        # the CPU platform accumulates forces in single precision: 1e-4 of the largest force
+        np.testing.assert_allclose(f[k] * kbt, f_ref, rtol=0, atol=1e-4 * np.abs(f_ref).max())
+    # and the MD file's own energies (CPU platform, mixed precision) agree with the bridge
+    np.testing.assert_allclose(u[:-1] * kbt, bpti_md.energies, rtol=1e-5, atol=0.5)
+
+
+def test_bpti_md_frames_reconstruct_to_1e5_nm_in_float32(bpti, bpti_md):
+    top = bpti.mdtraj_topology()
+    coords = MixedCoordinates(ZMatrix.from_topology(top, cartesian=top.select("name N or name CA or name C")),
+                              whiten=False)
+    x = torch.as_tensor(bpti_md.x)
+    coords = coords.fit(x.double()).float()
+    features, _ = coords.inverse(x)
+    assert features.shape == (4, 3 * 892 - 6)
+    x_back, _ = coords.forward(features)
+    error = (superpose(x_back, x[0].reshape(-1, 3)) - superpose(x, x[0].reshape(-1, 3))).abs().max()
+    assert error < 1e-5, f"reconstruction error {error:.2e} nm"
+
+
+def test_bpti_observable_and_metadata(bpti, bpti_md):
+    x = torch.as_tensor(np.concatenate([bpti.positions.reshape(1, -1), bpti_md.x]), dtype=torch.float64)
+    rmsd = bpti.ca_rmsd(x)
+    assert rmsd[0] < 1e-6 and (rmsd[1:] > 0).all() and (rmsd[1:] < 0.1).all()
+    assert bpti.metadata()["n_atoms"] == 892 and bpti.dim == 2676

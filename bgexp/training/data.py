@@ -82,7 +82,7 @@ class TargetDataModule(pl.LightningDataModule):
         self,
         target: Target,
         target_config: dict[str, Any] | None = None,
-        path: str | None = None,
+        path: str | list[str] | None = None,
         cache_dir: str = "data_cache",
         generate: dict[str, Any] | None = None,
         val_fraction: float = 0.1,
@@ -109,7 +109,14 @@ class TargetDataModule(pl.LightningDataModule):
         self.split = split
         self.target = target
         self.target_config = target_config or {"class": type(target).__name__}
-        self.path = Path(path) if path else None
+        if isinstance(path, (list, tuple)) or (path is not None and not isinstance(path, (str, os.PathLike))):
+            paths = [Path(p) for p in path]  # several sources (e.g. MD runs with other seeds), concatenated
+            if not paths:
+                raise ValueError("data.path is an empty list")
+        else:
+            paths = [Path(path)] if path else []
+        self.paths = paths
+        self.path = paths[0] if paths else None
         self.cache_dir = Path(cache_dir)
         self.generate_settings = dict(generate or {})
         self.val_fraction, self.batch_size = float(val_fraction), int(batch_size)
@@ -173,6 +180,17 @@ class TargetDataModule(pl.LightningDataModule):
             raise DataError(str(err)) from err
 
     def load_all(self) -> np.ndarray:
+        if len(self.paths) > 1:
+            arrays = []
+            for path in self.paths:
+                self.path = path
+                arrays.append(self.load_all_from_path())
+            self.path = self.paths[0]
+            self.source = ", ".join(str(p) for p in self.paths)
+            return np.concatenate(arrays)
+        return self.load_all_from_path()
+
+    def load_all_from_path(self) -> np.ndarray:
         if self.path is not None:
             self.source = str(self.path)
             if self.path.is_dir() or self.md_settings is not None:
