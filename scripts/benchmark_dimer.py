@@ -16,26 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+from benchmark_common import machine, run_and_read
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,25 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = parser.parse_known_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bin_dir = Path(sys.executable).parent
-    if args.run_dir:
-        cmd = [str(bin_dir / "bgexp-eval"), f"run_dir={args.run_dir}", f"n_samples={args.n_samples}", *overrides]
-    else:
-        cmd = [str(bin_dir / "bgexp-train"), "experiment=dimer_benchmark", *overrides]
-    print("running:", " ".join(cmd), flush=True)
-    start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.time() - start
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"training failed (exit {proc.returncode})")
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("results: "))
-    results_path = Path(line.split("results: ", 1)[1].strip())
-    results = json.loads(results_path.read_text())
-    if args.run_dir:  # training time and energy evaluations are those of the original run
-        trained = json.loads((Path(args.run_dir) / "results.json").read_text())
-        wall = trained["wall_s"]
-        results["n_energy_evals"]["training"] = trained["n_energy_evals"]["training"]
+    results, results_path, wall = run_and_read("dimer_benchmark", overrides, args.run_dir, args.n_samples)
     df = results["delta_f"]["closed->open"]
     ref = df.get("reference")
     covered = None if ref is None or df["ci_low"] is None else bool(df["ci_low"] <= ref <= df["ci_high"])

@@ -102,7 +102,7 @@ def build_model(cfg: DictConfig, target, data: torch.Tensor | None = None) -> Bo
     """Prior + flow + target + loss.
 
     The flow is [transform (RealNVP, ...)] -> [AffineStandardization if flow.standardize] ->
-    [MixedCoordinates if flow.coordinates]. The transform works in the latent width: the
+    [BoundedTorsions, MixedCoordinates if flow.coordinates]. The transform works in the latent width: the
     target's dimension, or 3N - 6 with coordinates. The standardization is fitted to the training
     data (in feature space when there are coordinates), x = mean + std * y; when loading a
     checkpoint, its fitted buffers come from the checkpoint instead."""
@@ -123,10 +123,19 @@ def build_model(cfg: DictConfig, target, data: torch.Tensor | None = None) -> Bo
         standardization = AffineStandardization(latent_dim)
         if data is not None:
             with torch.no_grad():
-                features = coordinates.inverse(data.double())[0].to(data.dtype) if coordinates is not None else data
+                features = data
+                if coordinates is not None:
+                    from bgexp.flows.coordinates import BoundedTorsions
+
+                    features = coordinates.inverse(data.double())[0]
+                    features = BoundedTorsions(coordinates.circular).inverse(features)[0].to(data.dtype)
             standardization.fit(features)
         layers.append(standardization)
     if coordinates is not None:
+        from bgexp.flows.coordinates import BoundedTorsions
+
+        # torsions inside (-pi, pi): one preimage per configuration, so log q is exact
+        layers.append(BoundedTorsions(coordinates.circular))
         layers.append(coordinates.to(torch.get_default_dtype()))
     flow = layers[0] if len(layers) == 1 else SequentialFlow(layers)
     prior = instantiate(flow_cfg["prior"], dim=latent_dim)
