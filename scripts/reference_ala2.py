@@ -20,7 +20,8 @@ Simulation
     expression), in a force group of its own; k and theta0 are global parameters, so one Context
     serves every window.
     The windows are run one after another around the circle, starting at the window nearest the
-    minimised structure's phi and going towards increasing phi; each starts from the previous
+    minimised structure's phi and going towards increasing phi (--reverse: decreasing phi, a
+    check on hysteresis in the slow orthogonal torsion psi); each starts from the previous
     window's last configuration and velocities, is equilibrated (default 20 ps) and then sampled
     (default 200 ps, a frame every 0.5 ps), with LangevinMiddleIntegrator (300 K, 1/ps, 2 fs).
     phi and psi of every frame (numpy dihedral formula, radians in [-pi, pi)) and the positions
@@ -37,7 +38,10 @@ Analysis (MBAR, pymbar 4)
         w_n = exp(-log sum_k N_k exp(f_k - u_kn)) / sum_m (same),
 
     and averages over the unbiased ensemble are sums over all samples of all windows with w_n.
-    Optional plain-MD folders (--md) enter as one more state with u = 0 (its N_k = its frames).
+    Several umbrella runs with the same windows (several --data files, e.g. both directions) are
+    pooled: frames of the same window in different runs belong to the same MBAR state.
+    Optional plain-MD folders (--md) enter as one more state with u = 0 (its N_k = its frames);
+    MBAR counts their frames as independent samples, so MD that stayed in C7eq biases Delta F up.
     Results:
     - Delta F(C7eq -> C7ax) = -ln(P(phi >= 0) / P(phi < 0)) in kT, P(A) = sum_{n in A} w_n;
     - F(phi), F(psi) = -ln p(bin) (kT, minimum zero, empty bins null) on 36 bins over [-pi, pi);
@@ -54,6 +58,9 @@ bgexp/targets/references/ala2.json (the format the AlanineDipeptide target reads
 
     python scripts/reference_ala2.py                   # simulate (about 5.3 M steps) and analyse
     python scripts/reference_ala2.py --analyze-only    # analyse the stored window data again
+    python scripts/reference_ala2.py --reverse --seed 1 --data outputs/reference/ala2_umbrella_reverse.npz
+    python scripts/reference_ala2.py --analyze-only \
+        --data outputs/reference/ala2_umbrella.npz outputs/reference/ala2_umbrella_reverse.npz
 """
 
 from __future__ import annotations
@@ -129,7 +136,8 @@ def simulate(args, data_path: Path) -> None:
     n_equil = int(round(args.equil_ps * 1000 / dt_fs))
     n_frames = int(round(args.prod_ps / args.frame_ps))
     start = int(np.argmin(np.abs(angle_difference(dihedral(positions0, phi_atoms), centres))))
-    order = [(start + i) % n_windows for i in range(n_windows)]
+    step = -1 if args.reverse else 1
+    order = [(start + step * i) % n_windows for i in range(n_windows)]
     settings = {
         "temperature_kelvin": temperature, "forcefield": forcefield, "n_windows": n_windows,
         "centres": centres.tolist(), "kappa_kj_mol_rad2": args.kappa, "equil_ps": args.equil_ps,
@@ -225,23 +233,26 @@ def load_md_torsions(folder: Path, phi_atoms, psi_atoms) -> tuple[np.ndarray, np
     return wrap(phi), wrap(psi), data.metadata
 
 
-def mbar_log_weights(phi_groups: list[np.ndarray], biased: list[bool], centres, kappa, kT, initial_f_k=None):
-    """MBAR over the groups (umbrella windows, then unbiased MD runs pooled into one state).
+def mbar_log_weights(phi_groups: list[np.ndarray], states: list[int], centres, kappa, kT, initial_f_k=None):
+    """MBAR over the groups of samples; group i was drawn from state states[i].
 
-    Returns the normalised log unbiased weights of the concatenated samples, f_k and the MBAR object."""
+    States 0..K-1 are the umbrella windows (centres), state K (present only if some group has it)
+    the unbiased ensemble of plain MD. Returns the normalised log unbiased weights of the
+    concatenated samples (in group order), f_k and the MBAR object."""
     import pymbar
 
-    win = [g for g, b in zip(phi_groups, biased) if b]
-    md = [g for g, b in zip(phi_groups, biased) if not b]
-    samples = np.concatenate(win + md)
+    samples = np.concatenate(phi_groups)
     u_kn = bias_energy(samples, centres, kappa) / kT
-    n_k = [len(g) for g in win]
-    if md:
+    n_states = len(centres) + (1 if max(states) == len(centres) else 0)
+    if n_states > len(centres):
         u_kn = np.vstack([u_kn, np.zeros((1, len(samples)))])
-        n_k.append(sum(len(g) for g in md))
-    n_k = np.array(n_k)
+    n_k = np.zeros(n_states, dtype=int)
+    for g, k in zip(phi_groups, states):
+        n_k[k] += len(g)
     mbar = pymbar.MBAR(u_kn, n_k, initial_f_k=initial_f_k, verbose=False)
-    log_denominator = np.logaddexp.reduce(np.log(n_k)[:, None] + mbar.f_k[:, None] - u_kn, axis=0)
+    with np.errstate(divide="ignore"):
+        log_n_k = np.log(n_k)
+    log_denominator = np.logaddexp.reduce(log_n_k[:, None] + mbar.f_k[:, None] - u_kn, axis=0)
     log_w = -log_denominator
     log_w -= np.logaddexp.reduce(log_w)
     return log_w, mbar.f_k, mbar
@@ -281,14 +292,27 @@ def block_resample(series_list: list[np.ndarray], block: int, rng) -> list[np.nd
     return out
 
 
-def analyse(args, data_path: Path) -> None:
+SAME_SETTINGS = ("temperature_kelvin", "forcefield", "centres", "kappa_kj_mol_rad2", "frame_ps", "phi_atoms",
+                 "psi_atoms")
+
+
+def analyse(args, data_paths: list[Path]) -> None:
     logging.getLogger("pymbar").setLevel(logging.ERROR)
-    with np.load(data_path) as f:
-        settings = json.loads(str(f["settings"]))
-        if not bool(f["complete"]):
-            raise SystemExit(f"{data_path} holds {len(f['done'])} of {settings['n_windows']} windows; "
-                             f"finish it with --resume")
-        win_phi, win_psi, wall = list(f["phi"]), list(f["psi"]), float(f["wall_s"])
+    win_phi, win_psi, win_state, wall, runs = [], [], [], 0.0, []
+    for path in data_paths:
+        with np.load(path) as f:
+            run = json.loads(str(f["settings"]))
+            if not bool(f["complete"]):
+                raise SystemExit(f"{path} holds {len(f['done'])} of {run['n_windows']} windows; "
+                                 f"finish it with --resume")
+            win_phi += list(f["phi"])
+            win_psi += list(f["psi"])
+            win_state += list(range(len(f["phi"])))
+            wall += float(f["wall_s"])
+        if runs and any(run[key] != runs[0][key] for key in SAME_SETTINGS):
+            raise SystemExit(f"{path} differs from {data_paths[0]} in one of {SAME_SETTINGS}")
+        runs.append(run)
+    settings = runs[0]
     temperature = settings["temperature_kelvin"]
     kT = GAS_CONSTANT * temperature
     centres, kappa, frame_ps = np.array(settings["centres"]), settings["kappa_kj_mol_rad2"], settings["frame_ps"]
@@ -304,9 +328,9 @@ def analyse(args, data_path: Path) -> None:
         md_psi.append(psi)
         md_meta.append(meta)
     groups_phi, groups_psi = win_phi + md_phi, win_psi + md_psi
-    biased = [True] * n_windows + [False] * len(md_phi)
+    states = win_state + [n_windows] * len(md_phi)
 
-    log_w, f_k, mbar = mbar_log_weights(groups_phi, biased, centres, kappa, kT)
+    log_w, f_k, mbar = mbar_log_weights(groups_phi, states, centres, kappa, kT)
     phi_all, psi_all = np.concatenate(groups_phi), np.concatenate(groups_psi)
     weights = np.exp(log_w)
     value, p_ax = delta_f(phi_all, log_w)
@@ -315,9 +339,10 @@ def analyse(args, data_path: Path) -> None:
     overlap = mbar.compute_overlap()["matrix"]
     neighbours = [overlap[k, (k + 1) % n_windows] for k in range(n_windows)]
     k_min = int(np.argmin(neighbours))
-    g_phi = [statistical_inefficiency(angle_difference(p, c)) for p, c in zip(win_phi, centres)]
+    g_phi = [statistical_inefficiency(angle_difference(p, centres[k])) for p, k in zip(win_phi, win_state)]
     g_psi = [max(statistical_inefficiency(np.cos(p)), statistical_inefficiency(np.sin(p))) for p in win_psi]
-    print(f"MBAR: {n_windows} windows{f' + {len(md_phi)} MD runs' if md_phi else ''}, {len(phi_all)} samples, "
+    print(f"MBAR: {n_windows} windows from {len(runs)} umbrella run(s)"
+          f"{f' + {len(md_phi)} MD runs' if md_phi else ''}, {len(phi_all)} samples, "
           f"Kish effective sample size of the unbiased ensemble {n_eff:.0f}")
     print(f"smallest neighbouring overlap {neighbours[k_min]:.3f} (windows at {centres[k_min]:+.3f} and "
           f"{centres[(k_min + 1) % n_windows]:+.3f} rad); median {np.median(neighbours):.3f}")
@@ -327,13 +352,13 @@ def analyse(args, data_path: Path) -> None:
     # bootstrap: blocks resampled within every window and MD run, MBAR solved anew per replica
     rng = np.random.default_rng(args.boot_seed)
     md_frame_ps = [m["frame_interval_ps"] for m in md_meta]
-    blocks = ([max(1, int(round(args.block_ps / frame_ps)))] * n_windows
+    blocks = ([max(1, int(round(args.block_ps / frame_ps)))] * len(win_phi)
               + [max(1, int(round(args.md_block_ps / fp))) for fp in md_frame_ps])
     boot = []
     for _ in range(args.n_boot):
         picks = [block_resample([g], b, rng)[0] for g, b in zip(groups_phi, blocks)]
         sample = [g[i] for g, i in zip(groups_phi, picks)]
-        lw, _, _ = mbar_log_weights(sample, biased, centres, kappa, kT, initial_f_k=f_k)
+        lw, _, _ = mbar_log_weights(sample, states, centres, kappa, kT, initial_f_k=f_k)
         boot.append(delta_f(np.concatenate(sample), lw)[0])
     lo, hi = np.quantile(boot, [0.025, 0.975])
 
@@ -346,10 +371,14 @@ def analyse(args, data_path: Path) -> None:
                                               for j in ((i - 1) % N_BINS, (i + 1) % N_BINS))]
     print("local minima of F(phi): " + ", ".join(f"phi {x:+.2f} rad F {f:.2f} kT" for x, f in minima))
 
-    window_ns = n_windows * settings["prod_ps"] / 1000
+    window_ns = sum(len(r["centres"]) * r["prod_ps"] for r in runs) / 1000
+    n_runs = f"{len(runs)} runs of " if len(runs) > 1 else ""
+    directions = sorted({"decreasing" if (r["order"][1] - r["order"][0]) % n_windows != 1 else "increasing"
+                         for r in runs})
     md_ns = sum(m["length_ps"] for m in md_meta) / 1000
     source = (
-        f"bgexp umbrella sampling along phi + MBAR (pymbar 4): {n_windows} windows evenly spaced on the circle, "
+        f"bgexp umbrella sampling along phi + MBAR (pymbar 4): {n_runs}{n_windows} windows evenly spaced on the "
+        f"circle (run in order of {' and '.join(directions)} phi), "
         f"kappa {kappa:g} kJ/mol/rad^2, {settings['equil_ps']:g} ps equilibration + {settings['prod_ps']:g} ps "
         f"production per window ({window_ns:g} ns production in all; LangevinMiddle {settings['timestep_fs']:g} fs, "
         f"friction {settings['friction_per_ps']:g}/ps), {temperature:g} K, {'+'.join(settings['forcefield'])}"
@@ -387,11 +416,16 @@ def main() -> None:
     parser.add_argument("--frame-ps", type=float, default=0.5, help="frame interval, ps")
     parser.add_argument("--temperature", type=float, default=300.0, help="K")
     parser.add_argument("--seed", type=int, default=0, help="seed of the velocities and the Langevin noise")
-    parser.add_argument("--data", type=Path, default=DATA, help="window data (.npz), written or read")
+    parser.add_argument("--data", type=Path, nargs="+", default=[DATA],
+                        help="window data (.npz): written by the simulation (one file), read by the analysis "
+                             "(several runs with the same windows are pooled)")
+    parser.add_argument("--reverse", action="store_true", help="run the windows in order of decreasing phi")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted simulation in --data")
     parser.add_argument("--analyze-only", action="store_true", help="skip the simulation, analyse --data")
     parser.add_argument("--md", type=Path, nargs="*", default=[],
-                        help="plain-MD folders (scripts/generate_md.py) added as unbiased samples")
+                        help="plain-MD folders (scripts/generate_md.py) added as unbiased samples; MBAR takes "
+                             "their frames as independent, so use only MD that crossed between C7eq and C7ax "
+                             "many times (5 ns from C7eq with one frame at phi >= 0 pulls Delta F up by 2 kT)")
     parser.add_argument("--block-ps", type=float, default=20.0, help="bootstrap block length in the windows, ps")
     parser.add_argument("--md-block-ps", type=float, default=250.0, help="bootstrap block length in MD runs, ps")
     parser.add_argument("--n-boot", type=int, default=200, help="bootstrap replicas")
@@ -400,7 +434,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if not args.analyze_only:
-        simulate(args, args.data)
+        if len(args.data) != 1:
+            raise SystemExit("the simulation writes one --data file")
+        simulate(args, args.data[0])
     analyse(args, args.data)
 
 

@@ -283,3 +283,17 @@ def test_bpti_observable_and_metadata(bpti, bpti_md):
     rmsd = bpti.ca_rmsd(x)
     assert rmsd[0] < 1e-6 and (rmsd[1:] > 0).all() and (rmsd[1:] < 0.1).all()
     assert bpti.metadata()["n_atoms"] == 892 and bpti.dim == 2676
+
+
+def test_generate_md_script_writes_a_complete_folder(tmp_path):
+    out = tmp_path / "md"
+    cmd = [sys.executable, str(REPO / "scripts" / "generate_md.py"), "target=ala2", "md.n_frames=6",
+           "md.report_interval=5", "md.chunk_frames=4", "md.equilibration_steps=0", f"out_dir={out}",
+           "progress=false", "threads=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"MD data in {out}" in proc.stdout
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["status"] == "complete" and meta["frames_done"] == 6 and meta["chunks_done"] == 2
+    assert meta["platform"] == "CPU" and meta["openmm_version"]
+    assert load_md(out).x.shape == (6, 66)
