@@ -454,3 +454,15 @@ def test_bounded_torsions_logdet_inverse_and_range():
     for k in range(3):  # brute-force Jacobian
         jac = torch.autograd.functional.jacobian(lambda v: flow.forward(v[None])[0][0], z[k])
         torch.testing.assert_close(torch.linalg.slogdet(jac)[1], ld[k])
+
+
+def test_bounded_torsions_have_finite_logdet_and_gradients_far_out():
+    from bgexp.flows.coordinates import BoundedTorsions
+
+    flow = BoundedTorsions(torch.tensor([True, True]))
+    z = torch.tensor([[40.0, -300.0]], requires_grad=True)  # tanh saturates in float32
+    x, ld = flow.forward(z)
+    ld.sum().backward()
+    assert torch.isfinite(ld).all() and torch.isfinite(z.grad).all()
+    torch.testing.assert_close(ld, torch.tensor([2 * (math.log(2) - 40 / math.pi) + 2 * (math.log(2) - 300 / math.pi)]),
+                               rtol=1e-5, atol=1e-3)

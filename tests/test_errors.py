@@ -170,3 +170,23 @@ def test_nonfinite_loss_steps_are_skipped_then_stop():
     with pytest.raises(NonFiniteLossError, match="NaN or infinite"):
         _fit(bg)
     assert bg.n_nonfinite_steps == 3
+
+
+def test_nonfinite_gradient_with_finite_loss_skips_the_step_and_keeps_parameters_finite():
+    bg = _bg(DimerTarget(), max_bad=3)
+    params = [p for p in bg.parameters()]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    params[0].grad[0] = float("nan")
+    bg.on_before_optimizer_step(None)
+    assert all(p.grad is None for p in params) and bg.n_nonfinite_steps == 1
+    torch.optim.Adam(params, 1e-3).step()  # nothing to update: parameters unchanged
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    for _ in range(2):
+        params[0].grad = torch.full_like(params[0], float("inf"))
+        if bg.consecutive_nonfinite == 2:
+            with pytest.raises(NonFiniteLossError, match="gradients were NaN or infinite"):
+                bg.on_before_optimizer_step(None)
+        else:
+            bg.on_before_optimizer_step(None)

@@ -622,9 +622,12 @@ class BoundedTorsions(Flow):
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         self.check_input(z, "features")
-        th = torch.tanh(z / math.pi)
-        x = torch.where(self.mask, math.pi * th, z)
-        logdet = torch.where(self.mask, torch.log1p(-th.square()).clamp_min(-1e4), torch.zeros_like(z)).sum(-1)
+        a = z / math.pi
+        x = torch.where(self.mask, math.pi * torch.tanh(a), z)
+        # log(1 - tanh(a)^2) = log sech(a)^2 = 2 (log 2 - |a| - softplus(-2 |a|)): finite with
+        # finite gradients for every a (1 - tanh^2 underflows to 0 in float32 for |a| > 9)
+        log_sech2 = 2.0 * (math.log(2.0) - a.abs() - torch.nn.functional.softplus(-2.0 * a.abs()))
+        logdet = torch.where(self.mask, log_sech2, torch.zeros_like(z)).sum(-1)
         return x, logdet
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -118,6 +118,22 @@ class BoltzmannGenerator(pl.LightningModule):
         self.log("train/energy_evals", float(self.n_energy_evals_train))
         return loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss can still give NaN/inf gradients (0 * inf in a backward pass, a force
+        overflow): drop such a step instead of writing NaN into every parameter."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not all(torch.isfinite(g).all() for g in grads):
+            for p in self.parameters():
+                p.grad = None
+            self.n_nonfinite_steps += 1
+            self.consecutive_nonfinite += 1
+            log.warning("non-finite gradient at step %d; step skipped", self.global_step)
+            if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"the gradients were NaN or infinite in {self.consecutive_nonfinite} consecutive steps: "
+                    "lower optim.lr, clip gradients (trainer.gradient_clip_val) or check the flow's log-dets."
+                )
+
     def validation_step(self, batch, batch_idx: int):
         nll = -self.log_prob(batch[0]).mean()
         self.log("val/nll", nll, prog_bar=True, sync_dist=True)
