@@ -1,6 +1,6 @@
 """Benchmark: RealNVP on internal coordinates for alanine dipeptide (SYSTEMS.md section 3), CPU.
 
-Runs `bgexp-train experiment=ala2_realnvp` (override anything with extra `key=value` arguments,
+Runs `bgexp-train experiment=ala2_realnvp` (or --experiment ala2_nsf; override anything with extra `key=value` arguments,
 e.g. the MD folders with 'data.path=[...]' data.md=null), or re-evaluates a finished run with
 --run-dir, then writes outputs/benchmarks/<name>.json and .md with: ESS, the KL divergence
 KL(reference || reweighted flow) of the 36 x 36 phi/psi histograms, Delta F(C7eq -> C7ax) with
@@ -27,12 +27,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="outputs/benchmarks")
     parser.add_argument("--name", default="ala2")
+    parser.add_argument("--experiment", default="ala2_realnvp", help="ala2_realnvp or ala2_nsf")
     parser.add_argument("--run-dir", default=None, help="re-evaluate this finished run instead of training")
     parser.add_argument("--n-samples", type=int, default=50000, help="samples for --run-dir")
     args, overrides = parser.parse_known_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, results_path, wall = run_and_read("ala2_realnvp", overrides, args.run_dir, args.n_samples)
+    results, results_path, wall = run_and_read(args.experiment, overrides, args.run_dir, args.n_samples)
     df = results["delta_f"]["C7eq->C7ax"]
     ref = df.get("reference")
     kl = results["metrics"].get("surface/ramachandran/kl")

@@ -3,6 +3,7 @@
 from bgexp.flows.base import AffineStandardization, Flow, InverseFlow, SequentialFlow
 from bgexp.flows.priors import NormalPrior
 from bgexp.flows.realnvp import AffineCoupling, RealNVP
+from bgexp.flows.splines import NeuralSpline, SplineCoupling
 
 __all__ = [
     "Flow",
@@ -11,5 +12,7 @@ __all__ = [
     "AffineStandardization",
     "AffineCoupling",
     "RealNVP",
+    "SplineCoupling",
+    "NeuralSpline",
     "NormalPrior",
 ]
