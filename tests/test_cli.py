@@ -85,6 +85,7 @@ def test_resume_from_last_checkpoint(tiny_run, tmp_path):
 
     last = tiny_run["run_dir"] / "checkpoints" / "last.ckpt"
     before = torch.load(last, map_location="cpu", weights_only=False)
+    assert before["epoch"] == 1  # written after the final epoch (max_epochs=2), better or worse
     proc = run_cli("bgexp-train", [*TINY, "trainer.max_epochs=3", "logger=none", f"ckpt_path={last}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = next((tmp_path / "outputs" / "runs" / "dimer_realnvp").iterdir())

@@ -303,8 +303,10 @@ def _train(cfg: DictConfig, target, run_dir: Path, start: float) -> dict[str, An
     logger = build_logger(cfg)
     checkpoint_dir = run_dir / "checkpoints"
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/nll", mode="min",
-                        save_last=True, save_top_k=1),
+        # best.ckpt by held-out NLL; last.ckpt after every epoch (Lightning's save_last only
+        # writes when the monitored checkpoint is written, i.e. not after epochs that got worse)
+        ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/nll", mode="min", save_top_k=1),
+        ModelCheckpoint(dirpath=checkpoint_dir, filename="last", save_top_k=1, every_n_epochs=1),
         ConfigInCheckpoint(cfg),
         EvaluationCallback(every_n_epochs=cfg.evaluation.every_n_epochs, n_samples=cfg.evaluation.n_samples,
                            batch_size=cfg.evaluation.batch_size, n_bootstrap=cfg.evaluation.n_bootstrap,
