@@ -36,7 +36,7 @@ def test_unknown_group_option_lists_the_choices(override, options):
 
 def test_flow_dimension_must_match_target():
     cfg = compose_cfg(["+flow.transform.dim=10"])
-    with pytest.raises(ConfigError, match=r"flow.transform.dim=10.*dimension is 76"):
+    with pytest.raises(ConfigError, match=r"flow.transform.dim=10 does not match the latent dimension 76"):
         build_model(cfg, build_target(cfg))
 
 

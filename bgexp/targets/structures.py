@@ -499,8 +499,19 @@ def _seeded_python_random(seed: int):
 
 def _prepare_with_pdbfixer(raw: _RawStructure, ph: float, remove_heterogens: bool,
                            allow_missing_residues: bool, seed: int = 0):
-    with _seeded_python_random(seed):
-        return _prepare_with_pdbfixer_unseeded(raw, ph, remove_heterogens, allow_missing_residues, seed)
+    # pdbfixer and OpenMM's Modeller relax the atoms they add with a Context on the default
+    # platform; the multi-threaded CPU platform does not sum forces in a fixed order, so the
+    # prepared structure would differ from run to run. The Reference platform is deterministic.
+    previous = os.environ.get("OPENMM_DEFAULT_PLATFORM")
+    os.environ["OPENMM_DEFAULT_PLATFORM"] = "Reference"
+    try:
+        with _seeded_python_random(seed):
+            return _prepare_with_pdbfixer_unseeded(raw, ph, remove_heterogens, allow_missing_residues, seed)
+    finally:
+        if previous is None:
+            os.environ.pop("OPENMM_DEFAULT_PLATFORM", None)
+        else:
+            os.environ["OPENMM_DEFAULT_PLATFORM"] = previous
 
 
 def _prepare_with_pdbfixer_unseeded(raw: _RawStructure, ph: float, remove_heterogens: bool,
