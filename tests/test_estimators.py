@@ -348,3 +348,39 @@ def test_estimators_do_not_import_heavy_layers():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_histogram_kl_against_analytic_values():
+    from bgexp.estimators import histogram_kl
+
+    p = np.array([[0.5, 0.5], [0.0, 0.0]])
+    assert histogram_kl(p, p) == 0.0
+    q = np.array([[0.25, 0.25], [0.25, 0.25]])
+    assert histogram_kl(p, q) == pytest.approx(np.log(2.0))  # sum 0.5 ln(0.5/0.25)
+    assert histogram_kl(2 * p, 4 * q) == pytest.approx(np.log(2.0))  # normalised first
+    # a reference bin the model misses: finite, large penalty set by eps
+    miss = np.array([[1.0, 0.0], [0.0, 0.0]])
+    assert histogram_kl(np.array([[0.5, 0.0], [0.5, 0.0]]), miss, eps=1e-10) == pytest.approx(
+        0.5 * np.log(0.5 / 1.0) + 0.5 * np.log(0.5 / 1e-10), rel=1e-6)
+    with pytest.raises(ValueError, match="differ in size"):
+        histogram_kl(p, np.ones(3))
+    with pytest.raises(ValueError, match="non-negative"):
+        histogram_kl(-p, q)
+
+
+def test_weighted_histogram2d_reweights_to_the_target_probabilities():
+    from bgexp.estimators import weighted_histogram2d
+
+    rng = np.random.default_rng(0)
+    n = 200_000
+    a, b = rng.uniform(0, 1, n), rng.uniform(0, 1, n)
+    # target density 4 a b on the unit square: weights w = 4 a b against the uniform proposal
+    log_w = np.log(4 * a * b)
+    edges = np.array([0.0, 0.5, 1.0])
+    p = weighted_histogram2d(a, b, log_w, edges, edges)
+    exact = np.outer([0.25, 0.75], [0.25, 0.75])  # integral of 2a over [0, .5] and [.5, 1]
+    np.testing.assert_allclose(p, exact, atol=5e-3)
+    assert p.sum() == pytest.approx(1.0)
+    # samples outside the edges keep their weight in the normalisation
+    p_half = weighted_histogram2d(a, b, np.zeros(n), [0.0, 0.5], [0.0, 1.0])
+    assert p_half.sum() == pytest.approx(0.5, abs=5e-3)

@@ -108,3 +108,14 @@ def test_no_pyplot_figures_left_open(tmp_path):
     plots.plot_observable_histogram({"a": np.arange(10.0)}, tmp_path / "a.png", xlabel="a")
     plots.plot_free_energy_profile(np.arange(3.0), np.arange(3.0), tmp_path / "b.png")
     assert plt.get_fignums() == before
+
+
+def test_free_energy_surface_figure_with_reference(tmp_path):
+    from bgexp.plots import plot_free_energy_surface
+
+    edges = np.linspace(-np.pi, np.pi, 11)
+    p = np.random.default_rng(0).random((10, 10))
+    p[0, 0] = 0.0  # an empty bin is left blank, not an error
+    path = plot_free_energy_surface(edges, edges, p / p.sum(), tmp_path / "s.png", reference=p.T / p.sum(),
+                                    title="reweighted")
+    assert path.stat().st_size > 1000
