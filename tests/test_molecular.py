@@ -193,8 +193,9 @@ def test_ala2_logdet_matches_brute_force_jacobian_in_float64(ala2, ala2_md):
 # a real CLI run -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ala2_cli_run_writes_results_trajectory_and_ramachandran(tmp_path):
-    md = [f"data.md.{k}={v}" for k, v in dict(n_frames=300, report_interval=50, chunk_frames=100,
-                                              equilibration_steps=500).items()]
+    md = [f"data.path=[{tmp_path}/md300,{tmp_path}/md600]",
+          "data.md=[{n_frames:200,report_interval:50,chunk_frames:100,equilibration_steps:200},"
+          "{n_frames:100,report_interval:50,chunk_frames:100,equilibration_steps:200,temperature:600}]"]
     args = ["experiment=ala2_realnvp", *md, "target.n_workers=2", "data.batch_size=64",
             "flow.transform.n_couplings=2", "flow.transform.hidden=[32]", "loss.nll_warmup_steps=3",
             "loss.kl_ramp_steps=3", "loss.kl_batch_size=32", "trainer.max_epochs=2",
@@ -207,6 +208,8 @@ def test_ala2_cli_run_writes_results_trajectory_and_ramachandran(tmp_path):
     assert 0 <= results["ess"] <= 1 and np.isfinite(results["nll_test"])
     assert "C7eq->C7ax" in results["delta_f"]
     assert results["n_energy_evals"]["training"] > 0
+    assert json.loads((tmp_path / "md600" / "metadata.json").read_text())["temperature_kelvin"] == 600.0
+    assert json.loads((tmp_path / "md300" / "metadata.json").read_text())["temperature_kelvin"] == 300.0
     traj = mdtraj.load(str(run_dir / "samples.dcd"), top=str(run_dir / "samples_topology.pdb"))
     assert traj.n_atoms == 22 and traj.n_frames > 0
     assert (run_dir / "figures" / "surface_ramachandran.png").stat().st_size > 0
@@ -300,3 +303,10 @@ def test_generate_md_script_writes_a_complete_folder(tmp_path):
     assert meta["status"] == "complete" and meta["frames_done"] == 6 and meta["chunks_done"] == 2
     assert meta["platform"] == "CPU" and meta["openmm_version"]
     assert load_md(out).x.shape == (6, 66)
+
+
+def test_md_settings_list_must_match_the_sources(ala2, ala2_md):
+    with pytest.raises(ValueError, match="lists 1 MD settings for 2 data.path entries"):
+        TargetDataModule(ala2, path=[str(ala2_md), str(ala2_md)], md=[{"n_frames": 4}])
+    with pytest.raises(MDError, match="md.temperature must be positive"):
+        MDSettings(temperature=-5.0).check()

@@ -56,6 +56,8 @@ class MDSettings:
     chunk_frames: int = 100
     seed: int = 0
     minimize: bool = True
+    temperature: float | None = None  # kelvin; None: the target's. Another value gives biased data
+
 
     def check(self) -> None:
         for name in ("n_frames", "report_interval", "chunk_frames"):
@@ -63,6 +65,8 @@ class MDSettings:
                 raise MDError(f"md.{name} must be >= 1, got {getattr(self, name)}")
         if self.timestep_fs <= 0 or self.friction_per_ps <= 0:
             raise MDError("md.timestep_fs and md.friction_per_ps must be positive")
+        if self.temperature is not None and self.temperature <= 0:
+            raise MDError(f"md.temperature must be positive (kelvin), got {self.temperature}")
         if self.equilibration_steps < 0:
             raise MDError(f"md.equilibration_steps must be >= 0, got {self.equilibration_steps}")
 
@@ -125,8 +129,10 @@ def run_md(target, out_dir: str | Path, settings: MDSettings | None = None, plat
     settings.check()
     out_dir = Path(out_dir)
     (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
+    temperature = float(settings.temperature or target.temperature)
     metadata = {
         **target.metadata(),
+        "temperature_kelvin": temperature,
         "settings": asdict(settings),
         "platform": platform,
         "openmm_version": openmm.version.version,
@@ -158,7 +164,7 @@ def run_md(target, out_dir: str | Path, settings: MDSettings | None = None, plat
 
     system = target.system
     integrator = openmm.LangevinMiddleIntegrator(
-        target.temperature * unit.kelvin, settings.friction_per_ps / unit.picosecond,
+        temperature * unit.kelvin, settings.friction_per_ps / unit.picosecond,
         settings.timestep_fs * unit.femtosecond)
     integrator.setRandomNumberSeed(int(settings.seed) * 100003 + chunks_done + 1)
     properties = {"Threads": str(threads)} if (platform == "CPU" and threads) else {}
@@ -170,7 +176,7 @@ def run_md(target, out_dir: str | Path, settings: MDSettings | None = None, plat
         simulation.context.setPositions(target.positions * unit.nanometer)
         if settings.minimize:
             simulation.minimizeEnergy()
-        simulation.context.setVelocitiesToTemperature(target.temperature * unit.kelvin, int(settings.seed) + 1)
+        simulation.context.setVelocitiesToTemperature(temperature * unit.kelvin, int(settings.seed) + 1)
         _write_json(meta_path, {**metadata, "status": "running", "chunks_done": 0, "frames_done": 0})
         if settings.equilibration_steps:
             log.info("equilibrating %d steps", settings.equilibration_steps)

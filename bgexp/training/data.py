@@ -5,6 +5,8 @@ Sources:
   A missing, unreadable, wrongly shaped or non-finite file is an error that names the file.
 - `path`: an MD folder of `bgexp.targets.dynamics` (scripts/generate_md.py). With `md` settings
   the MD is run into that folder when it is missing or incomplete (a killed run resumes).
+  `path` may be a list of sources, concatenated; `md` is then one setting for all or a list with
+  one entry per source (an entry's `temperature` makes biased data, e.g. 600 K MD).
 - `path`: a trajectory file in any format mdtraj reads, with `topology` (a PDB file); the atom
   count must match the target.
 - generated: when `path` is null, the data are produced by `bgexp.targets.md.sample_states`
@@ -104,7 +106,6 @@ class TargetDataModule(pl.LightningDataModule):
                              "or data.generate settings")
         if split not in ("random", "tail"):
             raise ValueError(f"data.split must be 'random' or 'tail' (the last frames held out), got {split!r}")
-        self.md_settings = dict(md) if md else None
         self.topology = topology
         self.split = split
         self.target = target
@@ -117,6 +118,14 @@ class TargetDataModule(pl.LightningDataModule):
             paths = [Path(path)] if path else []
         self.paths = paths
         self.path = paths[0] if paths else None
+        if isinstance(md, (list, tuple)):
+            md_list = [dict(m) if m else None for m in md]  # one MD setting per data.path entry
+            if len(md_list) != len(paths):
+                raise ValueError(f"data.md lists {len(md_list)} MD settings for {len(paths)} data.path entries")
+        else:
+            md_list = [dict(md) if md else None] * max(1, len(paths))
+        self.md_list = md_list
+        self.md_settings = md_list[0]
         self.cache_dir = Path(cache_dir)
         self.generate_settings = dict(generate or {})
         self.val_fraction, self.batch_size = float(val_fraction), int(batch_size)
@@ -182,10 +191,10 @@ class TargetDataModule(pl.LightningDataModule):
     def load_all(self) -> np.ndarray:
         if len(self.paths) > 1:
             arrays = []
-            for path in self.paths:
-                self.path = path
+            for path, md in zip(self.paths, self.md_list):
+                self.path, self.md_settings = path, md
                 arrays.append(self.load_all_from_path())
-            self.path = self.paths[0]
+            self.path, self.md_settings = self.paths[0], self.md_list[0]
             self.source = ", ".join(str(p) for p in self.paths)
             return np.concatenate(arrays)
         return self.load_all_from_path()
