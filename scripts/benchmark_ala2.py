@@ -15,12 +15,10 @@ scripts/reference_ala2.py. Goals (issue): ESS >= 30%, KL <= 0.05, training under
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
-from benchmark_common import machine, run_and_read
+from benchmark_common import fmt, machine, run_and_read, write_report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,23 +55,13 @@ def main(argv: list[str] | None = None) -> dict:
         "goals": {"ess_ge_0.30": results["ess"] >= 0.30, "kl_le_0.05": None if kl is None else kl <= 0.05,
                   "under_60_min": wall < 3600},
     }
-    (out_dir / f"{args.name}.json").write_text(json.dumps(row, indent=2))
-    fmt = lambda v, p=3: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
-    md = [
-        f"# Alanine dipeptide benchmark ({time.strftime('%Y-%m-%d')})", "",
-        f"Machine: {row['machine']}", f"Command: `{row['command']}`", "",
-        "| metric | value | goal |", "|---|---|---|",
-        f"| ESS | {100 * row['ess']:.2f}% of {row['n_samples']} | >= 30% |",
-        f"| KL(reference, reweighted) phi/psi 36x36 | {fmt(kl)} | <= 0.05 |",
-        f"| Delta F(C7eq->C7ax) [kT] | {fmt(df['value'])} [{fmt(df['ci_low'])}, {fmt(df['ci_high'])}] | |",
-        f"| reference [kT] | {fmt(ref)} | |",
-        f"| NLL held-out | {fmt(row['nll_test'])} | |",
-        f"| energy evaluations (training) | {row['n_energy_evals_training']:.3g} | |",
-        f"| wall time | {wall / 60:.1f} min | < 60 min |",
-        "", f"Reference: {row['reference_source']}", f"Run folder: {row['run_dir']}",
-    ]
-    (out_dir / f"{args.name}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(out_dir, "Alanine dipeptide benchmark", row, [
+        ("ESS", f"{100 * row['ess']:.2f}% of {row['n_samples']}", ">= 30%"),
+        ("KL(reference, reweighted) phi/psi 36x36", fmt(kl), "<= 0.05"),
+        ("Delta F(C7eq->C7ax) [kT]", f"{fmt(df['value'])} [{fmt(df['ci_low'])}, {fmt(df['ci_high'])}]", ""),
+        ("reference [kT]", fmt(ref), ""),
+        ("NLL held-out", fmt(row["nll_test"]), ""),
+    ])
     return row
 
 

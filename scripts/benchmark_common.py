@@ -57,3 +57,23 @@ def run_and_read(experiment: str, overrides: list[str], run_dir: str | None = No
         wall = trained["wall_s"]
         results["n_energy_evals"]["training"] = trained["n_energy_evals"]["training"]
     return results, results_path, wall
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def write_report(out_dir: Path, title: str, row: dict, table: list[tuple[str, str, str]]) -> None:
+    """Write <out_dir>/<row['benchmark']>.json (the row) and .md (title, machine, command, the
+    (metric, value, goal) table, ESS first and wall time last, reference and run folder); print it."""
+    name = row["benchmark"]
+    (out_dir / f"{name}.json").write_text(json.dumps(row, indent=2))
+    md = [f"# {title} ({time.strftime('%Y-%m-%d')})", "",
+          f"Machine: {row['machine']}", f"Command: `{row['command']}`", "",
+          "| metric | value | goal |", "|---|---|---|"]
+    md += [f"| {metric} | {value} | {goal} |" for metric, value, goal in table]
+    md += [f"| energy evaluations (training) | {row['n_energy_evals_training']:.3g} | |",
+           f"| wall time | {row['wall_s_total'] / 60:.1f} min | < 60 min |",
+           "", f"Reference: {row['reference_source']}", f"Run folder: {row['run_dir']}"]
+    (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))

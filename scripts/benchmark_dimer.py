@@ -15,12 +15,10 @@ Goals (issue): |Delta F - reference| <= 0.3 kT with the CI covering it, ESS >= 5
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
-from benchmark_common import machine, run_and_read
+from benchmark_common import fmt, machine, run_and_read, write_report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,24 +59,14 @@ def main(argv: list[str] | None = None) -> dict:
                   "ci_covers_reference": covered, "ess_ge_0.05": results["ess"] >= 0.05,
                   "under_60_min": wall < 3600},
     }
-    (out_dir / f"{args.name}.json").write_text(json.dumps(row, indent=2))
-    fmt = lambda v, p=3: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
-    md = [
-        f"# Dimer benchmark ({time.strftime('%Y-%m-%d')})", "",
-        f"Machine: {row['machine']}", f"Command: `{row['command']}`", "",
-        "| metric | value | goal |", "|---|---|---|",
-        f"| ESS | {100 * row['ess']:.2f}% of {row['n_samples']} | >= 5% |",
-        f"| Delta F(closed->open) [kT] | {fmt(row['delta_f'])} [{fmt(df['ci_low'])}, {fmt(df['ci_high'])}] | |",
-        f"| reference [kT] | {fmt(ref)} | |",
-        f"| error [kT] | {fmt(error)} | abs <= 0.3, CI covers: {covered} |",
-        f"| profile RMSE [kT] | {fmt(row['profile_rmse'])} | |",
-        f"| NLL held-out | {fmt(row['nll_test'])} | |",
-        f"| energy evaluations (training) | {row['n_energy_evals_training']:.3g} | (paper ~3e7) |",
-        f"| wall time | {wall / 60:.1f} min | < 60 min |",
-        "", f"Reference: {row['reference_source']}", f"Run folder: {row['run_dir']}",
-    ]
-    (out_dir / f"{args.name}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(out_dir, "Dimer benchmark", row, [
+        ("ESS", f"{100 * row['ess']:.2f}% of {row['n_samples']}", ">= 5%"),
+        ("Delta F(closed->open) [kT]", f"{fmt(row['delta_f'])} [{fmt(df['ci_low'])}, {fmt(df['ci_high'])}]", ""),
+        ("reference [kT]", fmt(ref), ""),
+        ("error [kT]", fmt(error), f"abs <= 0.3, CI covers: {covered}"),
+        ("profile RMSE [kT]", fmt(row["profile_rmse"]), ""),
+        ("NLL held-out", fmt(row["nll_test"]), ""),
+    ])
     return row
 
 
