@@ -61,3 +61,32 @@ def torsion_of(x: Tensor, atoms: tuple[int, int, int, int]) -> Tensor:
     xyz = x.reshape(x.shape[0], -1, 3)
     i, j, k, l = atoms
     return dihedrals(xyz[:, i], xyz[:, j], xyz[:, k], xyz[:, l])
+
+
+def superpose(x: Tensor, ref: Tensor) -> Tensor:
+    """Optimally rotate and translate `x` onto `ref` (Kabsch 1976, proper rotations only).
+
+    `x` is [batch, 3N] or [batch, N, 3]; `ref` is [N, 3], [3N], [batch, N, 3] or [batch, 3N].
+    Returns `x` moved onto `ref`, with the shape of `x`. Rotation R = V diag(1, 1, d) U^T from the
+    SVD U S V^T of the covariance X_c^T Y_c, with d = sign det(V U^T).
+    """
+    shape = x.shape
+    if x.dim() == 2:
+        if x.shape[-1] % 3:
+            raise ValueError(f"superpose expects x of shape [batch, 3N] or [batch, N, 3], got {tuple(shape)}")
+        x = x.reshape(x.shape[0], -1, 3)
+    if x.dim() != 3 or x.shape[-1] != 3:
+        raise ValueError(f"superpose expects x of shape [batch, 3N] or [batch, N, 3], got {tuple(shape)}")
+    n_atoms = x.shape[1]
+    ref = ref.to(x)
+    if ref.dim() in (1, 2) and ref.numel() == 3 * n_atoms:
+        ref = ref.reshape(1, n_atoms, 3)
+    else:
+        ref = ref.reshape(ref.shape[0], n_atoms, 3)
+    x_mean, ref_mean = x.mean(1, keepdim=True), ref.mean(1, keepdim=True)
+    xc, rc = x - x_mean, ref - ref_mean
+    u, _, vh = torch.linalg.svd(xc.transpose(1, 2) @ rc)
+    d = torch.sign(torch.linalg.det(vh.transpose(1, 2) @ u.transpose(1, 2)))
+    ones = torch.ones_like(d)
+    rot = vh.transpose(1, 2) @ torch.diag_embed(torch.stack([ones, ones, d], -1)) @ u.transpose(1, 2)
+    return (xc @ rot.transpose(1, 2) + ref_mean).reshape(shape)

@@ -119,7 +119,6 @@ class OpenMMBridge:
         self.n_restarts = 0
         self._workers: list[_Worker] = []
         self._local = None  # (context, integrator, has_virtual_sites) for the in-process mode
-        self._closed = False
 
     # lifecycle --------------------------------------------------------------------------------
     @property
@@ -128,7 +127,6 @@ class OpenMMBridge:
 
     def open(self) -> "OpenMMBridge":
         """Start the workers (or the in-process context). Idempotent."""
-        self._closed = False
         if self.is_open:
             return self
         if self.n_workers == 0:
@@ -156,7 +154,6 @@ class OpenMMBridge:
             _kill(w.process, grace=max(0.0, deadline - time.monotonic()))
             w.conn.close()
         self._local = None
-        self._closed = True
 
     def __enter__(self) -> "OpenMMBridge":
         return self.open()
@@ -240,9 +237,7 @@ class OpenMMBridge:
                 f"OpenMM bridge expects positions of shape [batch, {3 * self.n_atoms}] "
                 f"({self.n_atoms} atoms x 3, nm), got {positions.shape}"
             )
-        if self._closed and not self.is_open:
-            log.debug("reopening a closed OpenMM bridge")
-        self.open()
+        self.open()  # a closed bridge reopens on demand
         xyz = positions.reshape(positions.shape[0], self.n_atoms, 3)
         if self._local is not None:
             energies, forces = evaluate_chunk(self._local[0], self._local[2], xyz)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bgexp.geometry import torsion_of
+from bgexp.geometry import superpose, torsion_of
 from bgexp.targets.base import Reference, ReferenceValue, load_reference_file
 from bgexp.targets.openmm import OpenMMTarget
 from bgexp.targets.structures import (
@@ -124,11 +124,4 @@ class BPTI(OpenMMTarget):
         """C-alpha RMSD (nm) to the prepared structure after optimal superposition (Kabsch)."""
         ref = torch.as_tensor(self.positions[self.ca_indices], dtype=x.dtype, device=x.device)
         ca = x.reshape(x.shape[0], -1, 3)[:, self.ca_indices]
-        ca = ca - ca.mean(1, keepdim=True)
-        ref = ref - ref.mean(0)
-        h = ca.transpose(1, 2) @ ref  # [batch, 3, 3]
-        u, s, vt = torch.linalg.svd(h)
-        d = torch.sign(torch.linalg.det(u @ vt))
-        s = torch.cat([s[:, :2], (s[:, 2] * d)[:, None]], dim=1)
-        msd = (ca.pow(2).sum((1, 2)) + ref.pow(2).sum() - 2 * s.sum(1)) / len(self.ca_indices)
-        return msd.clamp_min(0).sqrt()
+        return (superpose(ca, ref) - ref).pow(2).sum(-1).mean(-1).sqrt()

@@ -117,7 +117,6 @@ class TargetDataModule(pl.LightningDataModule):
         else:
             paths = [Path(path)] if path else []
         self.paths = paths
-        self.path = paths[0] if paths else None
         if isinstance(md, (list, tuple)):
             md_list = [dict(m) if m else None for m in md]  # one MD setting per data.path entry
             if len(md_list) != len(paths):
@@ -125,7 +124,6 @@ class TargetDataModule(pl.LightningDataModule):
         else:
             md_list = [dict(md) if md else None] * max(1, len(paths))
         self.md_list = md_list
-        self.md_settings = md_list[0]
         self.cache_dir = Path(cache_dir)
         self.generate_settings = dict(generate or {})
         self.val_fraction, self.batch_size = float(val_fraction), int(batch_size)
@@ -173,46 +171,38 @@ class TargetDataModule(pl.LightningDataModule):
             return None
         return arrays["x"]
 
-    def _load_md_folder(self) -> np.ndarray:
-        if self.md_settings is not None and not is_complete(self.path):
+    def _load_md_folder(self, path: Path, md: dict[str, Any] | None) -> np.ndarray:
+        if md is not None and not is_complete(path):
             if not hasattr(self.target, "system"):
                 raise DataError(f"data.md: {type(self.target).__name__} is not an OpenMM target; "
                                 f"MD data cannot be generated for it")
-            md = dict(self.md_settings)
+            md = dict(md)
             platform, threads = md.pop("platform", "CPU"), md.pop("threads", None)
-            log.info("running MD into %s", self.path)
-            run_md(self.target, self.path, MDSettings(**md), platform=platform, threads=threads,
-                   progress=self.progress)
+            log.info("running MD into %s", path)
+            run_md(self.target, path, MDSettings(**md), platform=platform, threads=threads, progress=self.progress)
         try:
-            return load_md(self.path, n_atoms=self.target.dim // 3).x
+            return load_md(path, n_atoms=self.target.dim // 3).x
         except MDError as err:
             raise DataError(str(err)) from err
 
-    def load_all(self) -> np.ndarray:
-        if len(self.paths) > 1:
-            arrays = []
-            for path, md in zip(self.paths, self.md_list):
-                self.path, self.md_settings = path, md
-                arrays.append(self.load_all_from_path())
-            self.path, self.md_settings = self.paths[0], self.md_list[0]
-            self.source = ", ".join(str(p) for p in self.paths)
-            return np.concatenate(arrays)
-        return self.load_all_from_path()
+    def _load_source(self, path: Path, md: dict[str, Any] | None) -> np.ndarray:
+        """One data source: an MD folder, an .npz file or a trajectory file."""
+        if path.is_dir() or md is not None:
+            return self._load_md_folder(path, md)
+        if path.suffix == ".npz":
+            return load_npz(path, self.target.dim)["x"]
+        if self.topology is None:
+            raise DataError(f"data file {path} is a trajectory: give its topology as data.topology")
+        try:
+            traj = load_trajectory(path, self.topology, self.target.dim // 3)
+        except MDError as err:
+            raise DataError(str(err)) from err
+        return traj.xyz.reshape(traj.n_frames, -1)
 
-    def load_all_from_path(self) -> np.ndarray:
-        if self.path is not None:
-            self.source = str(self.path)
-            if self.path.is_dir() or self.md_settings is not None:
-                return self._load_md_folder()
-            if self.path.suffix == ".npz":
-                return load_npz(self.path, self.target.dim)["x"]
-            if self.topology is None:
-                raise DataError(f"data file {self.path} is a trajectory: give its topology as data.topology")
-            try:
-                traj = load_trajectory(self.path, self.topology, self.target.dim // 3)
-            except MDError as err:
-                raise DataError(str(err)) from err
-            return traj.xyz.reshape(traj.n_frames, -1)
+    def load_all(self) -> np.ndarray:
+        if self.paths:
+            self.source = ", ".join(str(p) for p in self.paths)
+            return np.concatenate([self._load_source(p, md) for p, md in zip(self.paths, self.md_list)])
         path = self.cache_path()
         x = self._load_cache(path)
         if x is None:

@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from bgexp.flows.base import AffineStandardization, SequentialFlow
+from bgexp.flows.coordinates import BoundedTorsions, MixedCoordinates, ZMatrix
 from bgexp.training.callbacks import EvaluationCallback, log_figures
 from bgexp.training.data import TargetDataModule
 from bgexp.training.evaluation import Evaluation, evaluate
@@ -71,8 +72,6 @@ def build_coordinates(node: dict[str, Any], target, data: torch.Tensor | None):
     or a list of atom indices; all other atoms get internal coordinates from a Z-matrix built
     from the topology's bonds. With `whiten`, the Cartesian block is whitened by PCA on `data`.
     """
-    from bgexp.flows.coordinates import MixedCoordinates, ZMatrix
-
     topology = getattr(target, "topology", None)
     if topology is None:
         raise ConfigError(f"flow.coordinates needs a molecular target with a topology; "
@@ -119,24 +118,19 @@ def build_model(cfg: DictConfig, target, data: torch.Tensor | None = None) -> Bo
             f"{cfg.target.get('name', '')!r}; remove flow.transform.dim or set it to {latent_dim}"
         )
     layers = [instantiate(transform, dim=latent_dim)]
+    # torsions inside (-pi, pi): one preimage per configuration, so that log q is exact
+    bounded = BoundedTorsions(coordinates.circular) if coordinates is not None else None
     if flow_cfg.get("standardize", False):
         standardization = AffineStandardization(latent_dim)
         if data is not None:
             with torch.no_grad():
                 features = data
                 if coordinates is not None:
-                    from bgexp.flows.coordinates import BoundedTorsions
-
-                    features = coordinates.inverse(data.double())[0]
-                    features = BoundedTorsions(coordinates.circular).inverse(features)[0].to(data.dtype)
+                    features = bounded.inverse(coordinates.inverse(data.double())[0])[0].to(data.dtype)
             standardization.fit(features)
         layers.append(standardization)
     if coordinates is not None:
-        from bgexp.flows.coordinates import BoundedTorsions
-
-        # torsions inside (-pi, pi): one preimage per configuration, so log q is exact
-        layers.append(BoundedTorsions(coordinates.circular))
-        layers.append(coordinates.to(torch.get_default_dtype()))
+        layers += [bounded, coordinates.to(torch.get_default_dtype())]
     flow = layers[0] if len(layers) == 1 else SequentialFlow(layers)
     prior = instantiate(flow_cfg["prior"], dim=latent_dim)
     loss = instantiate(cfg.loss)
