@@ -1,9 +1,10 @@
 """Bijections with log-determinants (one module per family) and priors."""
 
 from bgexp.flows.base import AffineStandardization, Flow, InverseFlow, SequentialFlow
-from bgexp.flows.priors import NormalPrior
+from bgexp.flows.priors import NormalPrior, TorusPrior
 from bgexp.flows.realnvp import AffineCoupling, RealNVP
 from bgexp.flows.splines import NeuralSpline, SplineCoupling
+from bgexp.flows.torus import SmoothCoupling, SmoothTorusFlow
 
 __all__ = [
     "Flow",
@@ -15,4 +16,7 @@ __all__ = [
     "SplineCoupling",
     "NeuralSpline",
     "NormalPrior",
+    "TorusPrior",
+    "SmoothCoupling",
+    "SmoothTorusFlow",
 ]

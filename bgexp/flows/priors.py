@@ -38,3 +38,40 @@ class NormalPrior(nn.Module):
             raise ValueError(f"prior expects [..., {self.dim}], got {tuple(z.shape)}")
         t = self.temperature
         return -0.5 * (z**2).sum(-1) / t - 0.5 * self.dim * math.log(2 * math.pi * t)
+
+
+class TorusPrior(nn.Module):
+    """Uniform on the circle for angle features, standard normal for the others.
+
+    For the d_c features marked in `circular` (default: all, the torus T^dim) z_i ~ U[-pi, pi);
+    for the others z_i ~ N(0, 1):  log p(z) = -d_c log(2 pi) - |z_lin|^2 / 2 - (d_l / 2) log(2 pi).
+    The uniform density ignores the value of an angle (it is periodic), so angles outside
+    [-pi, pi) are accepted as their wrapped value.
+    """
+
+    def __init__(self, dim: int, circular: Tensor | list[bool] | None = None):
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"prior dim must be >= 1, got {dim}")
+        self.dim = int(dim)
+        mask = torch.ones(self.dim, dtype=torch.bool) if circular is None else torch.as_tensor(circular, dtype=torch.bool)
+        if mask.shape != (self.dim,):
+            raise ValueError(f"circular must be a bool mask of length dim={self.dim}, got shape {tuple(mask.shape)}")
+        self.register_buffer("circular", mask.clone())
+        self.register_buffer("_anchor", torch.zeros(()))
+        self.n_circular = int(mask.sum())
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        device = generator.device if generator is not None else self._anchor.device
+        dtype = self._anchor.dtype
+        uniform = (torch.rand(n, self.dim, generator=generator, device=device, dtype=dtype) * 2 - 1) * math.pi
+        normal = torch.randn(n, self.dim, generator=generator, device=device, dtype=dtype)
+        return torch.where(self.circular.to(device), uniform, normal).to(self._anchor.device)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        if z.shape[-1] != self.dim:
+            raise ValueError(f"prior expects [..., {self.dim}], got {tuple(z.shape)}")
+        linear = torch.where(self.circular, torch.zeros_like(z), z)
+        n_linear = self.dim - self.n_circular
+        return (-0.5 * (linear**2).sum(-1) - 0.5 * n_linear * math.log(2 * math.pi)
+                - self.n_circular * math.log(2 * math.pi))
