@@ -90,3 +90,12 @@ def superpose(x: Tensor, ref: Tensor) -> Tensor:
     ones = torch.ones_like(d)
     rot = vh.transpose(1, 2) @ torch.diag_embed(torch.stack([ones, ones, d], -1)) @ u.transpose(1, 2)
     return (xc @ rot.transpose(1, 2) + ref_mean).reshape(shape)
+
+
+def wrap_angle(x: Tensor) -> Tensor:
+    """Angles mapped onto [-pi, pi) in their own dtype: x - 2 pi floor((x + pi) / 2 pi) (derivative 1).
+    Values already inside are returned unchanged; a wrapped value that rounds onto pi becomes -pi."""
+    y = torch.remainder(x + math.pi, 2 * math.pi) - math.pi
+    y = torch.where(y >= math.pi, y - 2 * math.pi, y)
+    return torch.where((x >= -math.pi) & (x < math.pi), x, y)
+

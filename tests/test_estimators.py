@@ -384,3 +384,22 @@ def test_weighted_histogram2d_reweights_to_the_target_probabilities():
     # samples outside the edges keep their weight in the normalisation
     p_half = weighted_histogram2d(a, b, np.zeros(n), [0.0, 0.5], [0.0, 1.0])
     assert p_half.sum() == pytest.approx(0.5, abs=5e-3)
+
+
+def test_quadrature_kl_of_two_von_mises_densities_is_analytic():
+    """KL(VM(mu1, k1) || VM(mu2, k2)) = ln(I0(k2)/I0(k1)) + A(k1) (k1 - k2 cos(mu1 - mu2)),
+    A = I1/I0 (mean resultant length); the midpoint rule on the circle is spectrally accurate."""
+    from scipy.special import i0, i1
+
+    from bgexp.estimators import quadrature_kl
+
+    mu1, k1, mu2, k2 = 0.3, 2.0, -1.1, 0.7
+    n = 256
+    theta = -np.pi + (np.arange(n) + 0.5) * 2 * np.pi / n
+    log_p = k1 * np.cos(theta - mu1) - np.log(2 * np.pi * i0(k1))
+    log_q = k2 * np.cos(theta - mu2) - np.log(2 * np.pi * i0(k2))
+    exact = np.log(i0(k2) / i0(k1)) + i1(k1) / i0(k1) * (k1 - k2 * np.cos(mu1 - mu2))
+    assert quadrature_kl(log_p, log_q, 2 * np.pi / n) == pytest.approx(exact, abs=1e-12)
+    assert quadrature_kl(log_p, log_p, 2 * np.pi / n) == pytest.approx(0.0, abs=1e-14)
+    with pytest.raises(ValueError, match="differ in size"):
+        quadrature_kl(log_p, log_q[:-1], 1.0)

@@ -8,7 +8,13 @@ neither Lightning, Hydra, ``bgexp.flows`` nor ``bgexp.targets``.
 
 from bgexp.estimators.bootstrap import BootstrapResult, bootstrap
 from bgexp.estimators.free_energy import bar, fep, free_energy_difference, mbar
-from bgexp.estimators.profiles import align_profiles, free_energy_profile, histogram_kl, weighted_histogram2d
+from bgexp.estimators.profiles import (
+    align_profiles,
+    free_energy_profile,
+    histogram_kl,
+    quadrature_kl,
+    weighted_histogram2d,
+)
 from bgexp.estimators.weights import as_float64, ess, log_weights, normalized_weights
 
 __all__ = [
@@ -26,4 +32,5 @@ __all__ = [
     "align_profiles",
     "weighted_histogram2d",
     "histogram_kl",
+    "quadrature_kl",
 ]

@@ -44,13 +44,9 @@ from torch import Tensor
 
 from bgexp.flows.base import Flow, SequentialFlow
 from bgexp.flows.realnvp import coupling_masks, mlp
+from bgexp.geometry import wrap_angle
 
 TWO_PI = 2.0 * math.pi
-
-
-def wrap_angle(x: Tensor) -> Tensor:
-    """Map angles onto [-pi, pi): x - 2 pi floor((x + pi) / 2 pi) (derivative 1)."""
-    return torch.remainder(x + math.pi, TWO_PI) - math.pi
 
 
 def _derivative_offset(min_derivative: float) -> float:

@@ -67,15 +67,11 @@ from torch import Tensor
 
 from bgexp.flows.base import Flow, SequentialFlow
 from bgexp.flows.realnvp import coupling_masks, mlp
+from bgexp.geometry import wrap_angle
 
 TWO_PI = 2.0 * math.pi
 SMOOTH_ACTIVATIONS = ("tanh", "silu", "gelu", "softplus")
 _T_EPS = 1e-6  # sigma is evaluated on [eps, 1 - eps]; outside, it equals 0 or 1 to exp(-alpha 1e6)
-
-
-def wrap_angle(x: Tensor) -> Tensor:
-    """Map angles onto [-pi, pi): x - 2 pi floor((x + pi) / 2 pi)."""
-    return torch.remainder(x + math.pi, TWO_PI) - math.pi
 
 
 def smooth_step(t: Tensor, alpha: Tensor, beta: float = 1.0) -> tuple[Tensor, Tensor]:

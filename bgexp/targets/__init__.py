@@ -2,5 +2,6 @@
 
 from bgexp.targets.base import Reference, ReferenceValue, Target
 from bgexp.targets.dimer import DimerTarget
+from bgexp.targets.torus import TorusMixture
 
-__all__ = ["Target", "Reference", "ReferenceValue", "DimerTarget"]
+__all__ = ["Target", "Reference", "ReferenceValue", "DimerTarget", "TorusMixture"]

@@ -23,7 +23,8 @@ def log_figures(trainer: pl.Trainer, figures: dict[str, str], step: int) -> None
 
 class EvaluationCallback(pl.Callback):
     """Every `every_n_epochs` epochs: draw samples, log ESS, Delta F with CI, profile error,
-    energy statistics under `eval/`, and the figures (rank zero)."""
+    energy statistics (and the force-matching error when the data module has forces, `f_val`)
+    under `eval/`, and the figures (rank zero)."""
 
     def __init__(self, every_n_epochs: int = 1, n_samples: int = 5_000, batch_size: int = 2_000,
                  n_bootstrap: int = 100, figure_dir: str | None = None):
@@ -39,9 +40,10 @@ class EvaluationCallback(pl.Callback):
         figure_dir = self.figure_dir if trainer.is_global_zero else None
         datamodule = getattr(trainer, "datamodule", None)
         data = getattr(datamodule, "x_val", None)
+        forces = getattr(datamodule, "f_val", None) if data is not None else None
         result = evaluate(pl_module, n_samples=self.n_samples, batch_size=self.batch_size,
                           n_bootstrap=self.n_bootstrap, figure_dir=figure_dir, data=data,
-                          tag=f"epoch{trainer.current_epoch:04d}")
+                          tag=f"epoch{trainer.current_epoch:04d}", forces=forces)
         pl_module.log_dict({f"eval/{k}": v for k, v in result.metrics.items()}, sync_dist=True)
         if trainer.is_global_zero:
             log_figures(trainer, result.figures, trainer.global_step)

@@ -10,10 +10,22 @@ Sources:
 - `path`: a trajectory file in any format mdtraj reads, with `topology` (a PDB file); the atom
   count must match the target.
 - generated: when `path` is null, the data are produced by `bgexp.targets.md.sample_states`
-  and cached as `<cache_dir>/<name>-<hash>.npz`, where the hash covers the target's config and
-  the sampler settings. The file stores those settings; a cache whose stored settings differ
+  (`generate.method: mc`, the default: Metropolis runs confined to states) or, with
+  `generate.method: exact`, drawn from the target's exact sampler, `target.sample(n_samples,
+  generator=torch.Generator().manual_seed(seed))`, and cached as `<cache_dir>/<name>-<hash>.npz`,
+  where the hash covers the target's config and the sampler settings. The file stores those settings; a cache whose stored settings differ
   (stale) or that cannot be read (malformed) is regenerated with a warning, never used silently.
   Files are written to a temporary name and renamed, so a crash never leaves half a cache.
+
+Forces (`forces: true`, for force matching): the data module also provides `f_train`, `f_val`,
+the reduced forces f = -grad_x u(x) at the target's temperature (units kT per unit of x, rows
+paired with `x_train`, `x_val`), and batches become (x, f) instead of (x,):
+- MD folders: the stored forces F (kJ/mol/nm) divided by the target's kT (`target.kbt`, kJ/mol).
+  This holds for MD at another temperature too (biased data), since U does not depend on T.
+- .npz files: an array `forces` of the same shape as `x`, holding reduced forces at the target's
+  temperature, when present; computed as below otherwise.
+- trajectory files and generated data: -grad_x target.energy(x) by autograd, in batches.
+Non-finite forces are an error naming the source and the number of bad samples.
 """
 
 from __future__ import annotations
@@ -34,6 +46,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from bgexp.targets.base import Target
 from bgexp.targets.dynamics import MDError, MDSettings, is_complete, load_md, load_trajectory, run_md
 from bgexp.targets.md import sample_states
+
+GENERATION_METHODS = ("mc", "exact")
+FORCE_BATCH_SIZE = 1024
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +110,7 @@ class TargetDataModule(pl.LightningDataModule):
         md: dict[str, Any] | None = None,
         topology: str | None = None,
         split: str = "random",
+        forces: bool = False,
     ):
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -126,10 +142,25 @@ class TargetDataModule(pl.LightningDataModule):
         self.md_list = md_list
         self.cache_dir = Path(cache_dir)
         self.generate_settings = dict(generate or {})
+        method = self.generate_settings.get("method", "mc")
+        if method not in GENERATION_METHODS:
+            raise ValueError(f"data.generate.method must be one of {GENERATION_METHODS}, got {method!r}")
+        if path is None and method == "exact":
+            missing = [k for k in ("n_samples", "seed") if k not in self.generate_settings]
+            unknown = sorted(set(self.generate_settings) - {"method", "n_samples", "seed"})
+            if missing or unknown:
+                raise ValueError(f"data.generate with method: exact takes n_samples and seed "
+                                 f"(missing {missing}, unknown {unknown})")
+            if not callable(getattr(target, "sample", None)):
+                raise DataError(f"data.generate.method=exact: {type(target).__name__} has no exact sampler "
+                                f"(no `sample` method); use method: mc or a data.path")
+        self.forces = bool(forces)
         self.val_fraction, self.batch_size = float(val_fraction), int(batch_size)
         self.num_workers, self.split_seed, self.progress = int(num_workers), int(split_seed), progress
         self.x_train: torch.Tensor | None = None
         self.x_val: torch.Tensor | None = None
+        self.f_train: torch.Tensor | None = None
+        self.f_val: torch.Tensor | None = None
         self.source: str = ""
 
     # loading -------------------------------------------------------------------------------
@@ -141,8 +172,28 @@ class TargetDataModule(pl.LightningDataModule):
         return self.cache_dir / f"{name}-{settings_hash(self.cache_settings())}.npz"
 
     def _generate(self, path: Path) -> np.ndarray:
-        settings = self.generate_settings
-        log.info("generating training data (%s) into %s", settings, path)
+        settings = dict(self.generate_settings)
+        method = settings.pop("method", "mc")
+        log.info("generating training data (%s) into %s", self.generate_settings, path)
+        settings_json = np.array(json.dumps(self.cache_settings(), sort_keys=True, default=str))
+        if method == "exact":
+            sampler = getattr(self.target, "sample", None)
+            if not callable(sampler):
+                raise DataError(f"data.generate.method=exact: {type(self.target).__name__} has no exact "
+                                f"sampler (no `sample` method)")
+            generator = torch.Generator().manual_seed(int(settings["seed"]))
+            with torch.no_grad():
+                samples = sampler(int(settings["n_samples"]), generator=generator)
+            x = torch.as_tensor(samples).detach().cpu()
+            if x.ndim != 2 or x.shape[1] != self.target.dim:
+                raise DataError(f"{type(self.target).__name__}.sample returned shape {tuple(x.shape)}, "
+                                f"expected [{settings['n_samples']}, {self.target.dim}]")
+            with torch.no_grad():
+                state = self.target.state_of(x)
+            x = x.numpy()
+            save_npz_atomic(path, x=x, state=state.numpy(), states=np.array(list(self.target.states)),
+                            settings_json=settings_json)
+            return x
         samples = sample_states(self.target, progress=self.progress, **settings)
         x = samples.x.detach().cpu().numpy()
         save_npz_atomic(
@@ -150,7 +201,7 @@ class TargetDataModule(pl.LightningDataModule):
             x=x,
             state=samples.state.numpy(),
             states=np.array(samples.states),
-            settings_json=np.array(json.dumps(self.cache_settings(), sort_keys=True, default=str)),
+            settings_json=settings_json,
             acceptance_json=np.array(json.dumps(samples.acceptance)),
         )
         return x
@@ -171,7 +222,7 @@ class TargetDataModule(pl.LightningDataModule):
             return None
         return arrays["x"]
 
-    def _load_md_folder(self, path: Path, md: dict[str, Any] | None) -> np.ndarray:
+    def _load_md_folder(self, path: Path, md: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
         if md is not None and not is_complete(path):
             if not hasattr(self.target, "system"):
                 raise DataError(f"data.md: {type(self.target).__name__} is not an OpenMM target; "
@@ -181,39 +232,92 @@ class TargetDataModule(pl.LightningDataModule):
             log.info("running MD into %s", path)
             run_md(self.target, path, MDSettings(**md), platform=platform, threads=threads, progress=self.progress)
         try:
-            return load_md(path, n_atoms=self.target.dim // 3).x
+            data = load_md(path, n_atoms=self.target.dim // 3)
         except MDError as err:
             raise DataError(str(err)) from err
+        if not self.forces:
+            return data.x, None
+        kbt = getattr(self.target, "kbt", None)
+        if kbt is None:
+            raise DataError(f"data.forces: the MD folder {path} stores forces in kJ/mol/nm, but "
+                            f"{type(self.target).__name__} has no `kbt` (kT in kJ/mol) to reduce them with")
+        forces = np.asarray(data.forces, dtype=np.float64).reshape(data.x.shape) / float(kbt)
+        return data.x, forces
 
-    def _load_source(self, path: Path, md: dict[str, Any] | None) -> np.ndarray:
-        """One data source: an MD folder, an .npz file or a trajectory file."""
+    def _load_source(self, path: Path, md: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """One data source (an MD folder, an .npz file or a trajectory file): x and, when forces
+        are on and the source stores them, its reduced forces (None: compute them from the energy)."""
         if path.is_dir() or md is not None:
             return self._load_md_folder(path, md)
         if path.suffix == ".npz":
-            return load_npz(path, self.target.dim)["x"]
+            arrays = load_npz(path, self.target.dim)
+            x = arrays["x"]
+            if not self.forces or "forces" not in arrays:
+                return x, None
+            forces = arrays["forces"]
+            if forces.shape != x.shape:
+                raise DataError(f"data file {path}: 'forces' has shape {forces.shape}, 'x' has {x.shape}")
+            return x, forces
         if self.topology is None:
             raise DataError(f"data file {path} is a trajectory: give its topology as data.topology")
         try:
             traj = load_trajectory(path, self.topology, self.target.dim // 3)
         except MDError as err:
             raise DataError(str(err)) from err
-        return traj.xyz.reshape(traj.n_frames, -1)
+        return traj.xyz.reshape(traj.n_frames, -1), None
 
-    def load_all(self) -> np.ndarray:
+    def compute_forces(self, x: np.ndarray | torch.Tensor, source: str = "data",
+                       batch_size: int = FORCE_BATCH_SIZE) -> np.ndarray:
+        """Reduced forces f = -grad_x u(x) of the target's energy, by autograd in batches."""
+        x = torch.as_tensor(x, dtype=torch.get_default_dtype())
+        out = np.empty(tuple(x.shape), dtype=np.float64)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=x.shape[0], desc=f"forces ({source})", unit="sample", disable=not self.progress) as bar:
+            with torch.inference_mode(False), torch.enable_grad():
+                for start in range(0, x.shape[0], batch_size):
+                    xb = x[start : start + batch_size].clone().requires_grad_(True)
+                    u = self.target.energy(xb)
+                    (grad,) = torch.autograd.grad(u.sum(), xb)
+                    out[start : start + len(xb)] = -grad.detach().double().cpu().numpy()
+                    bar.update(len(xb))
+        return out
+
+    @staticmethod
+    def _check_forces(forces: np.ndarray, source: str) -> np.ndarray:
+        n_bad = int((~np.isfinite(forces)).any(axis=1).sum())
+        if n_bad:
+            raise DataError(f"data.forces: {source}: {n_bad} of {len(forces)} samples have NaN or infinite forces")
+        return forces
+
+    def load_data(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """x [n, dim] of all sources and, with forces on, their reduced forces [n, dim] (else None)."""
         if self.paths:
             self.source = ", ".join(str(p) for p in self.paths)
-            return np.concatenate([self._load_source(p, md) for p, md in zip(self.paths, self.md_list)])
+            xs, fs = [], []
+            for p, md in zip(self.paths, self.md_list):
+                x, f = self._load_source(p, md)
+                if self.forces:
+                    f = self.compute_forces(x, str(p)) if f is None else f
+                    fs.append(self._check_forces(np.asarray(f, dtype=np.float64), str(p)))
+                xs.append(x)
+            return np.concatenate(xs), (np.concatenate(fs) if self.forces else None)
         path = self.cache_path()
         x = self._load_cache(path)
         if x is None:
             x = self._generate(path)
         self.source = str(path)
-        return x
+        f = self._check_forces(self.compute_forces(x, str(path)), str(path)) if self.forces else None
+        return x, f
+
+    def load_all(self) -> np.ndarray:
+        return self.load_data()[0]
 
     def setup(self, stage: str | None = None) -> None:
         if self.x_train is not None:
             return
-        x = torch.as_tensor(self.load_all(), dtype=torch.get_default_dtype())
+        x_all, f_all = self.load_data()
+        x = torch.as_tensor(x_all, dtype=torch.get_default_dtype())
         if self.split == "tail":  # correlated MD frames: hold out the end of the trajectory
             perm = torch.arange(x.shape[0] - 1, -1, -1)
         else:
@@ -222,11 +326,14 @@ class TargetDataModule(pl.LightningDataModule):
         if x.shape[0] - n_val < 1:
             raise DataError(f"only {x.shape[0]} samples: too few to split into train and validation")
         self.x_val, self.x_train = x[perm[:n_val]], x[perm[n_val:]]
+        if f_all is not None:
+            f = torch.as_tensor(f_all, dtype=torch.get_default_dtype())
+            self.f_val, self.f_train = f[perm[:n_val]], f[perm[n_val:]]
 
     # loaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            TensorDataset(self.x_train),
+            TensorDataset(*self._tensors(self.x_train, self.f_train)),
             batch_size=min(self.batch_size, len(self.x_train)),
             shuffle=True,
             drop_last=True,
@@ -234,4 +341,13 @@ class TargetDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.x_val), batch_size=1024, num_workers=self.num_workers)
+        return DataLoader(TensorDataset(*self._tensors(self.x_val, self.f_val)), batch_size=1024,
+                          num_workers=self.num_workers)
+
+    def _tensors(self, x: torch.Tensor, f: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(x, f) when forces are on, (x,) otherwise."""
+        if self.forces:
+            if f is None:
+                raise DataError("data.forces is on but no forces were loaded (call setup() first)")
+            return x, f
+        return (x,)

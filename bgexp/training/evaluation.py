@@ -8,7 +8,10 @@ For N flow samples x_i ~ q with log-weights log w_i = -u(x_i) - log q(x_i):
   profile, and its RMSE against the reference after aligning the additive constant;
 - the reweighted 2-D histogram of each pair of observables the target lists in `surfaces`
   (the Ramachandran plot of ALA2) and its KL divergence KL(reference || reweighted);
-- NLL of held-out data, -E[log q(x)], when data are given.
+- NLL of held-out data, -E[log q(x)], when data are given;
+- with the data's reduced forces f = -grad u (`forces`), the force-matching error of the flow's
+  score on (up to n_samples of) the held-out data: force_rmse = sqrt(mean (grad_x log q - f)^2)
+  and force_rmse_relative = force_rmse / sqrt(mean f^2) (Koehler et al., NeurIPS 2021).
 Samples with non-finite energy get weight zero and are counted (`n_nonfinite_energies`).
 """
 
@@ -31,8 +34,10 @@ from bgexp.estimators import (
     free_energy_profile,
     histogram_kl,
     log_weights,
+    quadrature_kl,
     weighted_histogram2d,
 )
+from bgexp.training.losses import force_matching_error
 from bgexp.training.module import BoltzmannGenerator
 
 
@@ -68,6 +73,18 @@ def data_nll(bg: BoltzmannGenerator, x: torch.Tensor, batch_size: int = 1024) ->
     return total / x.shape[0]
 
 
+@torch.no_grad()
+def quadrature_kl_of(bg: BoltzmannGenerator, n_points: int = 256, batch_size: int = 4096) -> float:
+    """KL(mu || q) = integral mu (ln mu - ln q) by the midpoint rule on the target's grid
+    (`target.quadrature(n)` -> grid [n], normalised log mu [n, n], cell area), with log q from the flow."""
+    grid, log_p, cell = bg.target.quadrature(n_points)
+    t1, t2 = torch.meshgrid(grid, grid, indexing="ij")
+    points = torch.stack([t1.reshape(-1), t2.reshape(-1)], -1).to(device=bg.device, dtype=torch.get_default_dtype())
+    log_q = torch.cat([bg.log_prob(points[i:i + batch_size]).double().cpu()
+                       for i in range(0, len(points), batch_size)])
+    return quadrature_kl(log_p.reshape(-1), log_q, cell)
+
+
 def _finite_or_none(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
 
@@ -84,9 +101,16 @@ def evaluate(
     figure_dir: str | Path | None = None,
     seed_offset: int = 10_000,
     tag: str = "",
+    forces: torch.Tensor | None = None,
+    quadrature_points: int = 256,
 ) -> Evaluation:
+    """Evaluate `bg` (see the module docstring); `data` are held-out samples and `forces` their
+    reduced forces (same shape, optional)."""
     if n_samples < 2:
         raise ValueError(f"evaluation needs n_samples >= 2, got {n_samples}")
+    if forces is not None and (data is None or tuple(forces.shape) != tuple(data.shape)):
+        raise ValueError(f"evaluation forces of shape {tuple(forces.shape)} need data of the same shape "
+                         f"(got {None if data is None else tuple(data.shape)})")
     was_training = bg.training
     bg.eval()
     generator = bg.make_generator(offset=seed_offset)
@@ -186,11 +210,17 @@ def evaluate(
                                                   reference=p_ref, xlabel=obs_a, ylabel=obs_b, title=title)
             figures[f"surface_{surf_name}"] = str(path)
 
+    # low-dimensional targets with a normalised density on a grid: the exact KL(target || flow)
+    if hasattr(target, "quadrature"):
+        metrics["kl_quadrature"] = quadrature_kl_of(bg, quadrature_points, batch_size)
+
     # held-out data ---------------------------------------------------------------------------
     energies = {"flow samples": u.double().cpu().numpy()}
     weights = {"flow samples": np.ones(n_samples)}
     if data is not None and len(data) > 0:
         metrics["nll_test"] = data_nll(bg, data)
+        if forces is not None:
+            metrics.update(force_matching_error(bg, data[:n_samples], forces[:n_samples], batch_size=batch_size))
         with torch.no_grad(), bg.counting_evaluation():
             u_data = bg.energy(data[:n_samples].to(bg.device))
         energies = {"data": u_data.double().cpu().numpy(), **energies}

@@ -14,6 +14,16 @@ h_k ~ sum_i exp(-(r_i - g_k)^2 / (2 sigma^2)) normalised to sum 1, and L_RC = su
 (the negative entropy of r under the flow). Adding rc_weight * L_RC spreads samples along r and
 stops the reverse KL from collapsing onto one state; reweighting removes the bias it introduces.
 
+Optional force matching (Koehler, Kraemer, Noe, "Smooth Normalizing Flows", NeurIPS 2021): on data
+x with reduced forces f(x) = -grad_x u(x) at the target temperature (the score of mu ~ exp(-u)),
+the flow's score is matched to the forces,
+  L_FM = mean over the batch b and the coordinates i of (d log q(x_b) / d x_{b,i} - f_{b,i})^2,
+with grad_x log q taken by autograd with create_graph=True so that L_FM is differentiable in the
+flow parameters (this needs a flow whose log-density is smooth in x). The joint loss becomes
+  L = w_KL(step) * L_KL + beta * L_ML + force_weight * L_FM.
+Data at another temperature (biased MD) still give the forces at the target temperature,
+f = F / kT_target, since the potential U does not depend on T.
+
 Very high energies (clashes early in training) are cut linear-logarithmically (bgflow's
 `linlogcut`): u_cut = u for u <= u_high, u_high + log(1 + u - u_high) above, so their gradients
 stay bounded. Non-finite energies are counted, reported as a metric and replaced by `u_max`
@@ -22,6 +32,7 @@ before the cut (their gradient is zero), never dropped silently.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,9 +55,12 @@ def linlog_cut(u: Tensor, high: float = 1e3, u_max: float = 1e9) -> tuple[Tensor
 
 
 class JointLoss:
-    """alpha * KL + beta * NLL with an NLL warm-up and a linear KL ramp (see module docstring).
+    """alpha * KL + beta * NLL + force_weight * FM with an NLL warm-up and a linear KL ramp (see
+    module docstring).
 
-    alpha = 0 gives pure maximum likelihood; beta = 0 with no warm-up gives pure reverse KL.
+    alpha = 0 gives pure maximum likelihood; beta = 0 with no warm-up gives pure reverse KL;
+    force_weight > 0 adds force matching, L_FM = mean_{b,i} (d log q(x_b)/d x_{b,i} - f_{b,i})^2,
+    on data with reduced forces f = -grad u (data.forces=true).
     """
 
     def __init__(
@@ -62,14 +76,18 @@ class JointLoss:
         rc_observable: str | None = None,
         rc_range: tuple[float, float] = (0.0, 1.0),
         rc_bins: int = 50,
+        force_weight: float = 0.0,
     ):
-        if alpha < 0 or beta < 0 or alpha + beta == 0:
-            raise ValueError(f"loss weights must be >= 0 and not both zero (alpha={alpha}, beta={beta})")
+        if alpha < 0 or beta < 0 or force_weight < 0 or alpha + beta + force_weight == 0:
+            raise ValueError(f"loss weights must be >= 0 and alpha, beta not both zero unless force_weight > 0 "
+                             f"(alpha={alpha}, beta={beta}, force_weight={force_weight})")
         if nll_warmup_steps < 0 or kl_ramp_steps < 0 or kl_batch_size < 1:
             raise ValueError("nll_warmup_steps, kl_ramp_steps must be >= 0 and kl_batch_size >= 1")
-        if beta == 0 and nll_warmup_steps > 0:
-            raise ValueError("an NLL warm-up needs beta > 0 (there would be no loss during warm-up)")
+        if beta == 0 and force_weight == 0 and nll_warmup_steps > 0:
+            raise ValueError("an NLL warm-up needs beta > 0 (or force_weight > 0): there would be no loss "
+                             "during warm-up")
         self.alpha, self.beta = float(alpha), float(beta)
+        self.force_weight = float(force_weight)
         self.nll_warmup_steps, self.kl_ramp_steps = int(nll_warmup_steps), int(kl_ramp_steps)
         self.kl_batch_size = int(kl_batch_size)
         self.energy_cut_high, self.energy_max = float(energy_cut_high), float(energy_max)
@@ -86,7 +104,11 @@ class JointLoss:
 
     @property
     def needs_data(self) -> bool:
-        return self.beta > 0
+        return self.beta > 0 or self.force_weight > 0
+
+    @property
+    def needs_forces(self) -> bool:
+        return self.force_weight > 0
 
     def kl_weight(self, step: int) -> float:
         if self.alpha == 0 or step < self.nll_warmup_steps:
@@ -97,6 +119,23 @@ class JointLoss:
 
     def nll(self, bg: "BoltzmannGenerator", x: Tensor) -> Tensor:
         return -bg.log_prob(x).mean()
+
+    def force_matching(self, bg: "BoltzmannGenerator", x: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+        """(L_FM, log q(x)): L_FM = mean over batch and coordinates of (grad_x log q(x) - f)^2.
+
+        Force matching of Koehler, Kraemer, Noe, "Smooth Normalizing Flows" (NeurIPS 2021): f are
+        the reduced forces -grad_x u(x) of the data. grad_x log q is taken on a copy of x that
+        requires grad, with create_graph=True so that L_FM can be differentiated in the flow
+        parameters. log q(x) is returned as well (the NLL term reuses it: same value, same
+        parameter gradients as bg.log_prob(x)).
+        """
+        if f.shape != x.shape:
+            raise ValueError(f"forces of shape {tuple(f.shape)} do not match the data of shape {tuple(x.shape)}")
+        with torch.enable_grad():
+            x = x.detach().clone().requires_grad_(True)
+            log_q = bg.log_prob(x)
+            (score,) = torch.autograd.grad(log_q.sum(), x, create_graph=True)
+        return ((score - f.to(score)) ** 2).mean(), log_q
 
     def rc_negative_entropy(self, r: Tensor) -> Tensor:
         """sum_k h_k log h_k of the kernel density estimate of r on the grid (see module docstring)."""
@@ -127,16 +166,27 @@ class JointLoss:
         return loss, stats
 
     def __call__(
-        self, bg: "BoltzmannGenerator", x: Tensor | None, step: int
+        self, bg: "BoltzmannGenerator", x: Tensor | None, step: int, forces: Tensor | None = None
     ) -> tuple[Tensor, dict[str, float]]:
-        """The loss at optimisation step `step` and the scalars to log."""
+        """The loss at optimisation step `step` and the scalars to log.
+
+        `forces` are the reduced forces f = -grad u of the data `x` (needed when force_weight > 0).
+        """
         w_kl = self.kl_weight(step)
         metrics: dict[str, float] = {"weight/kl": w_kl}
         loss = torch.zeros((), device=bg.device)
+        log_q = None
+        if self.force_weight > 0:
+            if x is None or forces is None:
+                raise ValueError("this loss has force_weight > 0 (force matching) but the batch has no forces: "
+                                 "set data.forces=true so the data module provides them")
+            fm, log_q = self.force_matching(bg, x, forces)
+            loss = loss + self.force_weight * fm
+            metrics["fm"] = float(fm.detach())
         if self.beta > 0:
             if x is None:
                 raise ValueError("this loss has beta > 0 (an NLL term) but no data was given")
-            nll = self.nll(bg, x)
+            nll = -log_q.mean() if log_q is not None else self.nll(bg, x)
             loss = loss + self.beta * nll
             metrics["nll"] = float(nll.detach())
         if w_kl > 0:
@@ -145,3 +195,29 @@ class JointLoss:
             metrics["kl"] = float(kl.detach())
             metrics.update(stats)
         return loss, metrics
+
+
+def force_matching_error(bg: "BoltzmannGenerator", x: Tensor, f: Tensor, batch_size: int = 1024) -> dict[str, float]:
+    """How well the flow's score matches the data's reduced forces f = -grad_x u(x).
+
+    force_rmse = sqrt(mean over samples and coordinates of (grad_x log q(x) - f)^2) (the square
+    root of L_FM of Koehler, Kraemer, Noe, "Smooth Normalizing Flows", NeurIPS 2021), and
+    force_rmse_relative = force_rmse / sqrt(mean f^2) (1 for a flow with zero score, 0 for a
+    perfect one). Evaluated in batches without create_graph, sums accumulated in float64; works
+    under torch.no_grad and inference mode.
+    """
+    if x.shape != f.shape:
+        raise ValueError(f"forces of shape {tuple(f.shape)} do not match the data of shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("force_matching_error needs at least one sample")
+    squared_error, squared_force = 0.0, 0.0  # Python floats: float64 sums (also safe in inference mode)
+    with torch.inference_mode(False), torch.enable_grad():
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start : start + batch_size].to(bg.device).clone().requires_grad_(True)
+            fb = f[start : start + batch_size].to(bg.device).clone()
+            (score,) = torch.autograd.grad(bg.log_prob(xb).sum(), xb)
+            squared_error += float(((score.detach().double() - fb.double()) ** 2).sum())
+            squared_force += float((fb.double() ** 2).sum())
+    rmse = math.sqrt(squared_error / x.numel())
+    scale = math.sqrt(squared_force / x.numel())
+    return {"force_rmse": rmse, "force_rmse_relative": rmse / scale if scale > 0 else float("nan")}

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from bgexp.flows.base import Flow, out_dim
 from bgexp.targets.base import Target
-from bgexp.training.losses import JointLoss
+from bgexp.training.losses import JointLoss, force_matching_error
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,16 @@ class BoltzmannGenerator(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int):
         x = batch[0] if self.loss.needs_data else None
-        loss, metrics = self.loss(self, x, step=self.global_step)
+        forces = None
+        if getattr(self.loss, "force_weight", 0.0) > 0:
+            if len(batch) < 2:
+                raise ValueError(
+                    f"the loss has force_weight={self.loss.force_weight} (force matching) but the training "
+                    "batches hold no forces: set data.forces=true (+data.forces=true on the command line "
+                    "when the data config does not list it) so the data module provides reduced forces"
+                )
+            forces = batch[1]
+        loss, metrics = self.loss(self, x, step=self.global_step, forces=forces)
         all_energies_bad = metrics.get("kl/nonfinite_energies", 0.0) >= self.loss.kl_batch_size
         if not torch.isfinite(loss) or all_energies_bad:
             self.consecutive_nonfinite += 1
@@ -137,6 +146,9 @@ class BoltzmannGenerator(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int):
         nll = -self.log_prob(batch[0]).mean()
         self.log("val/nll", nll, prog_bar=True, sync_dist=True)
+        if len(batch) > 1:  # (x, f): the score error against the reduced forces (needs autograd in x)
+            error = force_matching_error(self, batch[0], batch[1])
+            self.log("val/force_rmse", error["force_rmse"], sync_dist=True)
         return nll
 
     def configure_optimizers(self):

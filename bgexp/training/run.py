@@ -101,7 +101,9 @@ def build_model(cfg: DictConfig, target, data: torch.Tensor | None = None) -> Bo
     """Prior + flow + target + loss.
 
     The flow is [transform (RealNVP, ...)] -> [AffineStandardization if flow.standardize] ->
-    [BoundedTorsions, MixedCoordinates if flow.coordinates]. The transform works in the latent width: the
+    [BoundedTorsions, MixedCoordinates if flow.coordinates]. With `flow.torus`, the angles (all
+    features of a target without coordinates, else the torsions) are circular: the transform and
+    the prior get `circular`, angles are not standardized and BoundedTorsions is left out. The transform works in the latent width: the
     target's dimension, or 3N - 6 with coordinates. The standardization is fitted to the training
     data (in feature space when there are coordinates), x = mean + std * y; when loading a
     checkpoint, its fitted buffers come from the checkpoint instead."""
@@ -117,22 +119,46 @@ def build_model(cfg: DictConfig, target, data: torch.Tensor | None = None) -> Bo
             f"flow.transform.dim={dim} does not match the latent dimension {latent_dim} of target "
             f"{cfg.target.get('name', '')!r}; remove flow.transform.dim or set it to {latent_dim}"
         )
+    circular = None
+    if flow_cfg.get("torus", False):
+        # angles live on the circle: every feature of a target without coordinates, the torsions
+        # with coordinates; the transform treats them as circular and the prior is uniform on them
+        circular = (coordinates.circular.clone() if coordinates is not None
+                    else torch.ones(latent_dim, dtype=torch.bool))
+        transform["circular"] = circular
     layers = [instantiate(transform, dim=latent_dim)]
-    # torsions inside (-pi, pi): one preimage per configuration, so that log q is exact
-    bounded = BoundedTorsions(coordinates.circular) if coordinates is not None else None
+    # on the real line, torsions are squeezed into (-pi, pi): one preimage per configuration, so
+    # that log q is exact; torus flows map the circle onto itself and need no squeezing
+    bounded = None
+    if coordinates is not None and circular is None:
+        bounded = BoundedTorsions(coordinates.circular)
     if flow_cfg.get("standardize", False):
         standardization = AffineStandardization(latent_dim)
         if data is not None:
             with torch.no_grad():
                 features = data
                 if coordinates is not None:
-                    features = bounded.inverse(coordinates.inverse(data.double())[0])[0].to(data.dtype)
+                    features = coordinates.inverse(data.double())[0]
+                    if bounded is not None:
+                        features = bounded.inverse(features)[0]
+                    features = features.to(data.dtype)
             standardization.fit(features)
+        if circular is not None:  # angles are not standardized (a shift or scale would leave the circle)
+            standardization.mean[circular] = 0.0
+            standardization.std[circular] = 1.0
         layers.append(standardization)
+    if bounded is not None:
+        layers.append(bounded)
     if coordinates is not None:
-        layers += [bounded, coordinates.to(torch.get_default_dtype())]
+        layers.append(coordinates.to(torch.get_default_dtype()))
     flow = layers[0] if len(layers) == 1 else SequentialFlow(layers)
-    prior = instantiate(flow_cfg["prior"], dim=latent_dim)
+    prior_kwargs = {}
+    if circular is not None:
+        if not str(flow_cfg["prior"].get("_target_", "")).endswith("TorusPrior"):
+            raise ConfigError(f"flow.torus needs a prior on the circle: set flow.prior._target_ to "
+                              f"bgexp.flows.TorusPrior (got {flow_cfg['prior'].get('_target_')!r})")
+        prior_kwargs = {"circular": circular}
+    prior = instantiate(flow_cfg["prior"], dim=latent_dim, **prior_kwargs)
     loss = instantiate(cfg.loss)
     return BoltzmannGenerator(
         prior=prior,
@@ -265,11 +291,12 @@ def write_results(run_dir: Path, cfg: DictConfig, model: BoltzmannGenerator, eva
 
 
 def final_evaluation(cfg: DictConfig, model: BoltzmannGenerator, data: torch.Tensor | None,
-                     run_dir: Path) -> Evaluation:
+                     run_dir: Path, forces: torch.Tensor | None = None) -> Evaluation:
+    """The final evaluation; `forces` (the reduced forces of `data`) add the force-matching error."""
     ev = cfg.evaluation
     return evaluate(model, n_samples=ev.final_n_samples, batch_size=ev.batch_size,
                     n_bootstrap=ev.final_n_bootstrap, confidence=ev.confidence, data=data,
-                    figure_dir=run_dir / "figures")
+                    figure_dir=run_dir / "figures", forces=forces)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -331,7 +358,7 @@ def finish_run(cfg: DictConfig, trainer: pl.Trainer, model: BoltzmannGenerator, 
     """Final evaluation on rank zero: samples.npz, figures, W&B summary, results.json."""
     if not trainer.is_global_zero:
         return {}
-    evaluation = final_evaluation(cfg, model, datamodule.x_val, run_dir)
+    evaluation = final_evaluation(cfg, model, datamodule.x_val, run_dir, forces=getattr(datamodule, "f_val", None))
     files: dict[str, Any] = {"checkpoint": str(checkpoint_dir / "last.ckpt"), "data": datamodule.source}
     if cfg.get("save_samples", True):
         samples_path = run_dir / "samples.npz"
