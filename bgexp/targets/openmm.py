@@ -373,6 +373,7 @@ class OpenMMTarget(Target):
             )
         self.dim = 3 * self.n_atoms
         self.temperature = float(temperature)
+        self.kbt = kbt_kj_per_mol(temperature)  # kT in kJ/mol: reduced energy u = U / kbt
         self.forcefield = tuple(forcefield)
         self.bridge = OpenMMBridge(
             system, temperature, platform=platform, n_workers=n_workers, threads_per_worker=threads_per_worker

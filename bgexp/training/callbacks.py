@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -49,3 +50,24 @@ class EvaluationCallback(pl.Callback):
             log_figures(trainer, result.figures, trainer.global_step)
             log.info("epoch %d: ESS %.2f%% %s", trainer.current_epoch, 100 * result.metrics["ess"],
                      {k: round(v["value"], 3) for k, v in result.delta_f.items() if v["value"] is not None})
+
+
+class StepTimer(pl.Callback):
+    """Wall time of the training batches alone (forward, backward, optimiser step), without
+    validation and periodic evaluation: `seconds / steps` is the cost of one training step."""
+
+    def __init__(self) -> None:
+        self.seconds, self.steps, self._start = 0.0, 0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self.steps += 1
+            self._start = None
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return self.seconds / self.steps if self.steps else None

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bgexp.flows.base import AffineStandardization, SequentialFlow
 from bgexp.flows.coordinates import BoundedTorsions, MixedCoordinates, ZMatrix
-from bgexp.training.callbacks import EvaluationCallback, log_figures
+from bgexp.training.callbacks import EvaluationCallback, StepTimer, log_figures
 from bgexp.training.data import TargetDataModule
 from bgexp.training.evaluation import Evaluation, evaluate
 from bgexp.training.module import BoltzmannGenerator
@@ -329,6 +329,7 @@ def _train(cfg: DictConfig, target, run_dir: Path, start: float) -> dict[str, An
         ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/nll", mode="min", save_top_k=1),
         ModelCheckpoint(dirpath=checkpoint_dir, filename="last", save_top_k=1, every_n_epochs=1),
         ConfigInCheckpoint(cfg),
+        StepTimer(),
         EvaluationCallback(every_n_epochs=cfg.evaluation.every_n_epochs, n_samples=cfg.evaluation.n_samples,
                            batch_size=cfg.evaluation.batch_size, n_bootstrap=cfg.evaluation.n_bootstrap,
                            figure_dir=str(run_dir / "figures")),
@@ -372,7 +373,12 @@ def finish_run(cfg: DictConfig, trainer: pl.Trainer, model: BoltzmannGenerator, 
         log_figures(trainer, {f"final_{k}": v for k, v in evaluation.figures.items()}, trainer.global_step)
         wandb_dir = str(Path(wandb_logger.experiment.dir).parent)
         files["wandb_run"] = wandb_dir
-    path = write_results(run_dir, cfg, model, evaluation, wall_s=time.time() - start, extra={"files": files})
+    timer = next((c for c in trainer.callbacks if isinstance(c, StepTimer)), None)
+    training = {"steps": trainer.global_step,
+                "step_s": timer.seconds_per_step if timer is not None else None,
+                "n_parameters": sum(p.numel() for p in model.flow.parameters() if p.requires_grad)}
+    path = write_results(run_dir, cfg, model, evaluation, wall_s=time.time() - start,
+                         extra={"files": files, "training": training})
     results = json.loads(path.read_text())
     print_summary(path, results, wandb_dir)
     return results

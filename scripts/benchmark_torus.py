@@ -1,0 +1,138 @@
+"""Benchmark: smooth torus flows against circular spline flows (Smooth Normalizing Flows, 2021), CPU.
+
+    python scripts/benchmark_torus.py toy  [--seeds 0 1 2] [hydra overrides ...]
+    python scripts/benchmark_torus.py ala2 [--seeds 0] [hydra overrides ...]
+
+`toy`: the four-well density on the 2-torus (bgexp/targets/torus.py), `experiment=torus_smooth`
+against `experiment=torus_spline` at equal parameter count, each trained by NLL with and without
+force matching; reports KL(target || flow) by quadrature (exact up to quadrature error), ESS,
+held-out NLL, the force error of the learned density and the time per training step.
+
+`ala2`: alanine dipeptide with the torsions on the torus, `experiment=ala2_smooth` against
+`experiment=ala2_spline_torus`, each with and without force matching (loss.force_weight=0),
+trained on the MD data without energy evaluations and reweighted with OpenMM energies; reports
+ESS, KL(reference || reweighted) of the 36 x 36 Ramachandran histograms, Delta F(C7eq -> C7ax)
+with its 95% CI against the umbrella-sampling reference, the force error of the learned density
+(RMSE of grad log q against the MD forces in kT/nm, and relative to the RMS force) on held-out
+frames, and the time per training step.
+
+Every run goes through the real CLI (`bgexp-train`); results are read from results.json. Writes
+outputs/benchmarks/torus_<toy|ala2>.json and .md, with the machine named; step-time ratios are
+measured in the same session on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmark_common import fmt, machine, run_and_read
+
+VARIANTS = {
+    "toy": [
+        ("smooth, NLL + FM", "torus_smooth", []),
+        ("smooth, NLL", "torus_smooth", ["loss.force_weight=0.0"]),
+        ("spline, NLL + FM", "torus_spline", []),
+        ("spline, NLL", "torus_spline", ["loss.force_weight=0.0"]),
+    ],
+    "ala2": [
+        ("smooth, NLL + FM", "ala2_smooth", []),
+        ("smooth, NLL", "ala2_smooth", ["loss.force_weight=0.0"]),
+        ("spline, NLL + FM", "ala2_spline_torus", []),
+        ("spline, NLL", "ala2_spline_torus", ["loss.force_weight=0.0"]),
+    ],
+}
+
+METRICS = {
+    "toy": [("KL(target||flow) quadrature", "kl_quadrature", 4), ("ESS %", "ess_percent", 2),
+            ("NLL held-out", "nll_test", 4), ("force RMSE", "force_rmse", 3),
+            ("force RMSE / RMS force", "force_rmse_relative", 3), ("Delta F left->right", "delta_f", 3),
+            ("ms / step", "step_ms", 1), ("parameters", "n_parameters", 0)],
+    "ala2": [("ESS %", "ess_percent", 2), ("Ramachandran KL", "ramachandran_kl", 3),
+             ("Delta F C7eq->C7ax", "delta_f", 2), ("NLL held-out", "nll_test", 2),
+             ("force RMSE kT/nm", "force_rmse", 1), ("force RMSE / RMS force", "force_rmse_relative", 3),
+             ("ms / step", "step_ms", 1), ("parameters", "n_parameters", 0)],
+}
+
+
+def summarize(results: dict) -> dict:
+    metrics = results["metrics"]
+    key, df = next(iter(results["delta_f"].items()))  # the first state -> the second
+    training = results.get("training", {})
+    return {
+        "ess_percent": 100 * results["ess"],
+        "kl_quadrature": metrics.get("kl_quadrature"),
+        "ramachandran_kl": metrics.get("surface/ramachandran/kl"),
+        "nll_test": results.get("nll_test"),
+        "force_rmse": metrics.get("force_rmse"),
+        "force_rmse_relative": metrics.get("force_rmse_relative"),
+        "delta_f_name": key,
+        "delta_f": df["value"],
+        "delta_f_ci95": [df["ci_low"], df["ci_high"]],
+        "reference": df.get("reference"),
+        "reference_source": df.get("reference_source"),
+        "step_ms": None if training.get("step_s") is None else 1000 * training["step_s"],
+        "n_parameters": training.get("n_parameters"),
+        "wall_s": results["wall_s"],
+    }
+
+
+def mean_and_spread(values: list[float | None], digits: int) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("system", choices=sorted(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (toy), 0 (ala2)")
+    parser.add_argument("--out-dir", default="outputs/benchmarks")
+    parser.add_argument("--only", nargs="*", default=None, help="run only variants whose label contains these")
+    args, overrides = parser.parse_known_args(argv)
+    seeds = args.seeds if args.seeds is not None else ([0, 1, 2] if args.system == "toy" else [0])
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    rows: dict[str, list[dict]] = {}
+    for label, experiment, extra in VARIANTS[args.system]:
+        if args.only and not any(s in label for s in args.only):
+            continue
+        for seed in seeds:
+            results, path, _ = run_and_read(experiment, [f"seed={seed}", *extra, *overrides])
+            row = summarize(results) | {"seed": seed, "run_dir": str(path.parent), "experiment": experiment}
+            rows.setdefault(label, []).append(row)
+            print(label, seed, {k: row[k] for k in ("ess_percent", "kl_quadrature", "ramachandran_kl", "force_rmse",
+                                                     "step_ms")}, flush=True)
+    name = f"torus_{args.system}"
+    report = {"benchmark": name, "machine": machine(), "seeds": seeds, "overrides": overrides,
+              "command": " ".join(["python", "scripts/benchmark_torus.py", *(argv if argv is not None else sys.argv[1:])]),
+              "wall_s_total": time.time() - start, "variants": rows}
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
+    labels = list(rows)
+    md = [f"# Smooth vs spline torus flows: {args.system} ({time.strftime('%Y-%m-%d')})", "",
+          f"Machine: {report['machine']}", f"Command: `{report['command']}`",
+          f"Seeds: {seeds} (mean ± standard deviation over seeds)", "",
+          "| metric | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for title, key, digits in METRICS[args.system]:
+        md.append(f"| {title} | " + " | ".join(mean_and_spread([r[key] for r in rows[lb]], digits) for lb in labels) + " |")
+    first = next(iter(rows.values()))[0]
+    if first.get("reference") is not None:
+        md += ["", f"Reference Delta F {first['delta_f_name']}: {fmt(first['reference'])} kT "
+                   f"({first['reference_source']})"]
+    md += ["", "Runs:"] + [f"- {lb}, seed {r['seed']}: {r['run_dir']}" for lb in labels for r in rows[lb]]
+    md += ["", f"Total wall time: {report['wall_s_total'] / 60:.1f} min"]
+    (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return report
+
+
+if __name__ == "__main__":
+    main()
