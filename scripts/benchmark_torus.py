@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from benchmark_common import fmt, machine, run_and_read
 
 VARIANTS = {
@@ -48,14 +50,14 @@ VARIANTS = {
 }
 
 METRICS = {
-    "toy": [("KL(target||flow) quadrature", "kl_quadrature", 4), ("ESS %", "ess_percent", 2),
+    "toy": [("KL(target ‖ flow), quadrature", "kl_quadrature", 4), ("ESS %", "ess_percent", 2),
             ("NLL held-out", "nll_test", 4), ("force RMSE", "force_rmse", 3),
             ("force RMSE / RMS force", "force_rmse_relative", 3), ("Delta F left->right", "delta_f", 3),
-            ("ms / step", "step_ms", 1), ("parameters", "n_parameters", 0)],
+            ("ms / step (in the run)", "step_ms", 1), ("parameters", "n_parameters", 0)],
     "ala2": [("ESS %", "ess_percent", 2), ("Ramachandran KL", "ramachandran_kl", 3),
              ("Delta F C7eq->C7ax", "delta_f", 2), ("NLL held-out", "nll_test", 2),
              ("force RMSE kT/nm", "force_rmse", 1), ("force RMSE / RMS force", "force_rmse_relative", 3),
-             ("ms / step", "step_ms", 1), ("parameters", "n_parameters", 0)],
+             ("ms / step (in the run)", "step_ms", 1), ("parameters", "n_parameters", 0)],
 }
 
 
@@ -81,6 +83,55 @@ def summarize(results: dict) -> dict:
     }
 
 
+def step_times(system: str, overrides: list[str], n_steps: int = 30, rounds: int = 5) -> dict[str, dict]:
+    """Milliseconds per training step (loss, backward, Adam step) of every variant, measured in
+    one process with the variants interleaved round by round, so that machine noise hits all of
+    them alike; the median over rounds. Also a sampling step (n = batch size, root finding for
+    the smooth flow) per variant."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from bgexp.training.run import build_datamodule, build_model, build_target
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    models, batches, targets = {}, {}, []
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        for label, experiment, extra in VARIANTS[system]:
+            cfg = compose(config_name="config", overrides=[f"experiment={experiment}", *extra, *overrides])
+            target = build_target(cfg)
+            targets.append(target)
+            data = build_datamodule(cfg, target)
+            data.setup()
+            model = build_model(cfg, target, data=data.x_train)
+            model.latent_generator = torch.Generator().manual_seed(0)
+            optimizer = instantiate(cfg.optim)(params=model.parameters())
+            x, f = next(iter(data.train_dataloader()))
+            models[label], batches[label] = (model, optimizer), (x, f)
+    times: dict[str, dict[str, list[float]]] = {label: {"train": [], "sample": []} for label in models}
+    try:
+        for _ in range(rounds):
+            for label, (model, optimizer) in models.items():
+                x, f = batches[label]
+                start = time.perf_counter()
+                for step in range(n_steps):
+                    optimizer.zero_grad()
+                    loss, _ = model.loss(model, x, step=10**6, forces=f)
+                    loss.backward()
+                    optimizer.step()
+                times[label]["train"].append(1000 * (time.perf_counter() - start) / n_steps)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    for _ in range(3):
+                        model.sample(x.shape[0])
+                times[label]["sample"].append(1000 * (time.perf_counter() - start) / 3)
+    finally:
+        for target in targets:
+            if hasattr(target, "close"):
+                target.close()
+    return {label: {"train_ms": statistics.median(t["train"]), "sample_ms": statistics.median(t["sample"]),
+                    "batch_size": int(batches[label][0].shape[0])} for label, t in times.items()}
+
+
 def mean_and_spread(values: list[float | None], digits: int) -> str:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -96,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (toy), 0 (ala2)")
     parser.add_argument("--out-dir", default="outputs/benchmarks")
     parser.add_argument("--only", nargs="*", default=None, help="run only variants whose label contains these")
+    parser.add_argument("--step-rounds", type=int, default=5, help="rounds of the interleaved step timing (0: skip)")
     args, overrides = parser.parse_known_args(argv)
     seeds = args.seeds if args.seeds is not None else ([0, 1, 2] if args.system == "toy" else [0])
     out_dir = Path(args.out_dir)
@@ -111,10 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
             rows.setdefault(label, []).append(row)
             print(label, seed, {k: row[k] for k in ("ess_percent", "kl_quadrature", "ramachandran_kl", "force_rmse",
                                                      "step_ms")}, flush=True)
+    steps = step_times(args.system, overrides) if args.step_rounds > 0 else {}
     name = f"torus_{args.system}"
     report = {"benchmark": name, "machine": machine(), "seeds": seeds, "overrides": overrides,
               "command": " ".join(["python", "scripts/benchmark_torus.py", *(argv if argv is not None else sys.argv[1:])]),
-              "wall_s_total": time.time() - start, "variants": rows}
+              "wall_s_total": time.time() - start, "variants": rows, "step_times": steps}
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
     labels = list(rows)
     md = [f"# Smooth vs spline torus flows: {args.system} ({time.strftime('%Y-%m-%d')})", "",
@@ -123,6 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
           "| metric | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     for title, key, digits in METRICS[args.system]:
         md.append(f"| {title} | " + " | ".join(mean_and_spread([r[key] for r in rows[lb]], digits) for lb in labels) + " |")
+    if steps:
+        base = steps.get("spline, NLL + FM")
+        md += ["", "Time per step, measured in one process with the variants interleaved (median of rounds; "
+                   f"batch {next(iter(steps.values()))['batch_size']}):", "",
+               "| variant | training step (ms) | ratio to spline, NLL + FM | sampling a batch (ms) |", "|---|---|---|---|"]
+        for label, t in steps.items():
+            ratio = f"{t['train_ms'] / base['train_ms']:.2f}" if base else "n/a"
+            md.append(f"| {label} | {t['train_ms']:.1f} | {ratio} | {t['sample_ms']:.1f} |")
     first = next(iter(rows.values()))[0]
     if first.get("reference") is not None:
         md += ["", f"Reference Delta F {first['delta_f_name']}: {fmt(first['reference'])} kT "
