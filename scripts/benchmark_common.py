@@ -48,7 +48,8 @@ def run_and_read(experiment: str, overrides: list[str], run_dir: str | None = No
     wall = time.time() - start
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"training failed (exit {proc.returncode})")
+        errors = [l for l in proc.stderr.splitlines() if "Error" in l or "error:" in l]
+        raise SystemExit(f"training failed (exit {proc.returncode})" + (f": {errors[-1].strip()}" if errors else ""))
     line = next(l for l in proc.stdout.splitlines() if l.startswith("results: "))
     results_path = Path(line.split("results: ", 1)[1].strip())
     results = json.loads(results_path.read_text())

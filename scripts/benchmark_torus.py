@@ -45,6 +45,7 @@ VARIANTS = {
         ("smooth, NLL + FM", "ala2_smooth", []),
         ("smooth, NLL", "ala2_smooth", ["loss.force_weight=0.0"]),
         ("spline, NLL + FM", "ala2_spline_torus", []),
+        ("spline, NLL + FM/10", "ala2_spline_torus", ["loss.force_weight=1e-4"]),
         ("spline, NLL", "ala2_spline_torus", ["loss.force_weight=0.0"]),
     ],
 }
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (toy), 0 (ala2)")
     parser.add_argument("--out-dir", default="outputs/benchmarks")
     parser.add_argument("--only", nargs="*", default=None, help="run only variants whose label contains these")
+    parser.add_argument("--steps-only", action="store_true",
+                        help="no training runs: add the interleaved step timing to the last report")
     parser.add_argument("--step-rounds", type=int, default=5, help="rounds of the interleaved step timing (0: skip)")
     args, overrides = parser.parse_known_args(argv)
     seeds = args.seeds if args.seeds is not None else ([0, 1, 2] if args.system == "toy" else [0])
@@ -155,16 +158,29 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     rows: dict[str, list[dict]] = {}
     for label, experiment, extra in VARIANTS[args.system]:
-        if args.only and not any(s in label for s in args.only):
+        if args.steps_only or (args.only and not any(s in label for s in args.only)):
             continue
         for seed in seeds:
-            results, path, _ = run_and_read(experiment, [f"seed={seed}", *extra, *overrides])
+            try:
+                results, path, _ = run_and_read(experiment, [f"seed={seed}", *extra, *overrides])
+            except SystemExit as failure:  # a diverged run is a result too: recorded, the others go on
+                rows.setdefault(label, []).append({"seed": seed, "experiment": experiment, "failed": str(failure),
+                                                   "run_dir": None})
+                print(label, seed, "FAILED:", failure, flush=True)
+                continue
             row = summarize(results) | {"seed": seed, "run_dir": str(path.parent), "experiment": experiment}
             rows.setdefault(label, []).append(row)
             print(label, seed, {k: row[k] for k in ("ess_percent", "kl_quadrature", "ramachandran_kl", "force_rmse",
                                                      "step_ms")}, flush=True)
-    steps = step_times(args.system, overrides) if args.step_rounds > 0 else {}
     name = f"torus_{args.system}"
+    previous = out_dir / f"{name}.json"
+    if (args.only or args.steps_only) and previous.is_file():  # a partial rerun keeps the other variants
+        kept = json.loads(previous.read_text())["variants"]
+        rows = {label: kept.get(label) or rows.get(label) for label, _, _ in VARIANTS[args.system]
+                if (kept.get(label) or rows.get(label))} | rows
+    steps = step_times(args.system, overrides, rounds=args.step_rounds) if args.step_rounds > 0 else {}
+    if not steps and previous.is_file():  # no new timing: keep the last report's
+        steps = json.loads(previous.read_text()).get("step_times", {})
     report = {"benchmark": name, "machine": machine(), "seeds": seeds, "overrides": overrides,
               "command": " ".join(["python", "scripts/benchmark_torus.py", *(argv if argv is not None else sys.argv[1:])]),
               "wall_s_total": time.time() - start, "variants": rows, "step_times": steps}
@@ -175,7 +191,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"Seeds: {seeds} (mean ± standard deviation over seeds)", "",
           "| metric | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     for title, key, digits in METRICS[args.system]:
-        md.append(f"| {title} | " + " | ".join(mean_and_spread([r[key] for r in rows[lb]], digits) for lb in labels) + " |")
+        md.append(f"| {title} | " + " | ".join(
+            mean_and_spread([r.get(key) for r in rows[lb] if not r.get("failed")], digits) for lb in labels) + " |")
+    failures = [f"- {lb}, seed {r['seed']}: {r['failed']}" for lb in labels for r in rows[lb] if r.get("failed")]
+    if failures:
+        md += ["", "Failed runs (n/a above):"] + failures
     if steps:
         base = steps.get("spline, NLL + FM")
         md += ["", "Time per step, measured in one process with the variants interleaved (median of rounds; "
@@ -184,11 +204,12 @@ def main(argv: list[str] | None = None) -> dict:
         for label, t in steps.items():
             ratio = f"{t['train_ms'] / base['train_ms']:.2f}" if base else "n/a"
             md.append(f"| {label} | {t['train_ms']:.1f} | {ratio} | {t['sample_ms']:.1f} |")
-    first = next(iter(rows.values()))[0]
+    first = next((r for lb in labels for r in rows[lb] if not r.get("failed")), {})
     if first.get("reference") is not None:
         md += ["", f"Reference Delta F {first['delta_f_name']}: {fmt(first['reference'])} kT "
                    f"({first['reference_source']})"]
-    md += ["", "Runs:"] + [f"- {lb}, seed {r['seed']}: {r['run_dir']}" for lb in labels for r in rows[lb]]
+    md += ["", "Runs:"] + [f"- {lb}, seed {r['seed']}: {r['run_dir']}" for lb in labels for r in rows[lb]
+                           if r.get("run_dir")]
     md += ["", f"Total wall time: {report['wall_s_total'] / 60:.1f} min"]
     (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
