@@ -235,7 +235,8 @@ def test_pickled_bridge_carries_settings_not_processes(ala2):
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, time, numpy as np
+    import faulthandler, signal, sys, time, numpy as np
+    faulthandler.register(signal.SIGUSR1)  # the test asks for a traceback if the exit hangs
     from bgexp.targets.openmm import OpenMMBridge
     from bgexp.targets.structures import build_alanine_dipeptide, create_system
     top, pos = build_alanine_dipeptide()
@@ -260,7 +261,13 @@ def test_ctrl_c_or_kill_of_the_parent_leaves_no_worker(sig, tmp_path):
         assert len(pids) == 2, proc.stderr.read()
         time.sleep(0.5)  # inside a call
         proc.send_signal(sig)
-        proc.wait(timeout=20)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # show where the parent hangs
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+            proc.kill()
+            pytest.fail(f"the parent did not exit within 60 s of {sig!r}; its stacks:\n{proc.communicate()[1][-6000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
