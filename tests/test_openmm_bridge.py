@@ -237,6 +237,8 @@ SCRIPT = textwrap.dedent(
     """
     import faulthandler, signal, sys, time, numpy as np
     faulthandler.register(signal.SIGUSR1)  # the test asks for a traceback if the exit hangs
+    # Ctrl-C as in a terminal, even when the test runs in a background job (which ignores SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from bgexp.targets.openmm import OpenMMBridge
     from bgexp.targets.structures import build_alanine_dipeptide, create_system
     top, pos = build_alanine_dipeptide()
