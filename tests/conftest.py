@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import bgexp  # noqa: F401  (registers the OmegaConf resolvers of conf/config.yaml for the compose API)
 from helpers import TINY, run_cli
 
 

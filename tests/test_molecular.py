@@ -159,7 +159,7 @@ def test_ala2_phi_psi_are_torsion_features(ala2, ala2_md):
         return (torch.remainder(torsions - angle[:, None] + np.pi, 2 * np.pi) - np.pi).abs().max(0).values.min()
 
     assert closest(ala2.phi(x)) < 1e-8
-    assert closest(ala2.psi(x) + np.pi) < 0.35
+    assert closest(ala2.psi(x) + np.pi) < 0.5  # thermal out-of-plane motion of the carbonyl: up to ~25 degrees
 
 
 def test_ala2_logdet_matches_brute_force_jacobian_in_float64(ala2, ala2_md):

@@ -121,10 +121,12 @@ class BoltzmannGenerator(pl.LightningModule):
                 )
             return None  # Lightning skips the optimiser step
         self.consecutive_nonfinite = 0
-        self.log("train/loss", loss, prog_bar=True)
+        # per-rank means are averaged across DDP ranks; the energy-evaluation counter is summed,
+        # so the logged number is global (no-ops in a single process)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         for key, value in metrics.items():
-            self.log(f"train/{key}", value)
-        self.log("train/energy_evals", float(self.n_energy_evals_train))
+            self.log(f"train/{key}", value, sync_dist=True)
+        self.log("train/energy_evals", float(self.n_energy_evals_train), sync_dist=True, reduce_fx="sum")
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -27,15 +27,16 @@ from bgexp.flows.coordinates import BoundedTorsions, MixedCoordinates, ZMatrix
 from bgexp.training.callbacks import EvaluationCallback, StepTimer, log_figures
 from bgexp.training.data import TargetDataModule
 from bgexp.training.evaluation import Evaluation, evaluate
+from bgexp.training.launch import check_parallel_launch, is_multirun
 from bgexp.training.module import BoltzmannGenerator
+# RESOLVED_CONFIG: the fully resolved config of a run, next to Hydra's .hydra/config.yaml
+from bgexp.training.resume import RESOLVED_CONFIG, AtomicCheckpointIO, resumed_config, wandb_run_id
 
 log = logging.getLogger(__name__)
 
 # the parts of a config that fix the model's structure: a checkpoint only fits a config whose
 # parts agree
 MODEL_KEYS = ("target", "flow")
-# the fully resolved config of a run, next to Hydra's .hydra/config.yaml (which keeps interpolations)
-RESOLVED_CONFIG = "config.yaml"
 
 
 class ConfigError(ValueError):
@@ -44,9 +45,9 @@ class ConfigError(ValueError):
 
 def config_hash(cfg: DictConfig) -> str:
     """sha256 of the resolved config without the parts that do not change results (hydra, paths,
-    logger, ckpt_path, data.cache_dir); first 12 hex digits."""
+    logger, ckpt_path, resume, optimized_metric, data.cache_dir); first 12 hex digits."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("hydra", "paths", "ckpt_path", "logger"):
+    for key in ("hydra", "paths", "ckpt_path", "logger", "resume", "optimized_metric"):
         container.pop(key, None)
     container.get("data", {}).pop("cache_dir", None)
     blob = json.dumps(container, sort_keys=True, default=str).encode()
@@ -177,11 +178,35 @@ def build_datamodule(cfg: DictConfig, target) -> TargetDataModule:
     return TargetDataModule(target, target_config=OmegaConf.to_container(cfg.target, resolve=True), **data)
 
 
-def build_logger(cfg: DictConfig):
+def build_logger(cfg: DictConfig, run_dir: Path | None = None):
+    """The configured logger; a W&B logger gets the run folder's own run id (`wandb_run_id`) with
+    resume="allow", so that a resumed run continues the same W&B run."""
     node = cfg.get("logger")
     if not node or "_target_" not in node:
         return False
+    if run_dir is not None and str(node["_target_"]).endswith("WandbLogger"):
+        return instantiate(node, id=wandb_run_id(run_dir), resume="allow", **_sweep_labels(node))
     return instantiate(node)
+
+
+def _sweep_labels(node: DictConfig) -> dict[str, Any]:
+    """In a multirun: the W&B run is named <name>-<member number> and tagged sweep:<sweep stamp>, so a
+    dashboard groups a sweep's runs (they are grouped by experiment already)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return {}
+    hydra_cfg = HydraConfig.get()
+    tags = list(node.get("tags") or []) + [f"sweep:{Path(hydra_cfg.sweep.dir).name}"]
+    return {"name": f"{node.get('name') or 'run'}-{hydra_cfg.job.num}", "tags": tags}
+
+
+def _task_overrides() -> list[str]:
+    """The command line's overrides of this job (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _differences(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
@@ -244,6 +269,35 @@ def load_checkpoint_into(model: BoltzmannGenerator, cfg: DictConfig, path: str |
     return checkpoint
 
 
+def objective(results: dict[str, Any], metric: str) -> float:
+    """The number a sweep optimises, read from a run's results.json (`optimized_metric`).
+
+    `metric` is a dotted path into results.json ("ess", "nll_test", "metrics.kl_quadrature",
+    "delta_f.C7eq->C7ax.value"; a key may itself contain dots only if it is the last part), or
+    "abs_delta_f_error": |Delta F - reference| of the first free-energy difference that has a
+    reference. A prefix "abs:" takes the absolute value. Missing or undefined values are NaN, which
+    a sweeper records as a failed trial."""
+    take_abs = metric.startswith("abs:")
+    path = metric[4:] if take_abs else metric
+    if path == "abs_delta_f_error":
+        errors = [entry.get("error") for entry in results.get("delta_f", {}).values() if entry.get("error") is not None]
+        return abs(float(errors[0])) if errors else float("nan")
+    node: Any = results
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict):
+            return float("nan")
+        if part not in node:
+            rest = ".".join(parts[i:])  # keys such as "surface/ramachandran/kl" or with dots
+            node = node.get(rest)
+            break
+        node = node[part]
+    if not isinstance(node, (int, float)) or isinstance(node, bool) or node is None:
+        return float("nan")
+    value = float(node)
+    return abs(value) if take_abs else value
+
+
 def run_dir_of(cfg: DictConfig) -> Path:
     from hydra.core.hydra_config import HydraConfig
 
@@ -300,7 +354,9 @@ def final_evaluation(cfg: DictConfig, model: BoltzmannGenerator, data: torch.Ten
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
+    check_parallel_launch(OmegaConf.to_container(cfg.trainer, resolve=True), is_multirun())
     start = time.time()
+    cfg = resumed_config(cfg, _task_overrides())  # resume=<run folder>: that run's config and last.ckpt
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
@@ -321,7 +377,7 @@ def _train(cfg: DictConfig, target, run_dir: Path, start: float) -> dict[str, An
     model = build_model(cfg, target, data=datamodule.x_train)
     if cfg.get("ckpt_path"):
         read_checkpoint(cfg.ckpt_path, cfg)  # fail before training on a foreign or corrupt file
-    logger = build_logger(cfg)
+    logger = build_logger(cfg, run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     callbacks: list[pl.Callback] = [
         # best.ckpt by held-out NLL; last.ckpt after every epoch (Lightning's save_last only
@@ -335,7 +391,7 @@ def _train(cfg: DictConfig, target, run_dir: Path, start: float) -> dict[str, An
                            figure_dir=str(run_dir / "figures")),
     ]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
-                                      default_root_dir=str(run_dir))
+                                      default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     is_wandb = isinstance(logger, WandbLogger)
@@ -359,6 +415,11 @@ def finish_run(cfg: DictConfig, trainer: pl.Trainer, model: BoltzmannGenerator, 
     """Final evaluation on rank zero: samples.npz, figures, W&B summary, results.json."""
     if not trainer.is_global_zero:
         return {}
+    # energy evaluations of all ranks: logged summed over ranks (the main process of ddp_spawn and
+    # rank zero of ddp only count their own, or none)
+    synced = trainer.callback_metrics.get("train/energy_evals")
+    if synced is not None:
+        model.n_energy_evals_train = max(model.n_energy_evals_train, int(float(synced)))
     evaluation = final_evaluation(cfg, model, datamodule.x_val, run_dir, forces=getattr(datamodule, "f_val", None))
     files: dict[str, Any] = {"checkpoint": str(checkpoint_dir / "last.ckpt"), "data": datamodule.source}
     if cfg.get("save_samples", True):
@@ -374,7 +435,10 @@ def finish_run(cfg: DictConfig, trainer: pl.Trainer, model: BoltzmannGenerator, 
         wandb_dir = str(Path(wandb_logger.experiment.dir).parent)
         files["wandb_run"] = wandb_dir
     timer = next((c for c in trainer.callbacks if isinstance(c, StepTimer)), None)
-    training = {"steps": trainer.global_step,
+    steps = trainer.global_step
+    if not steps and (checkpoint_dir / "last.ckpt").is_file():  # ddp_spawn: the workers did the steps
+        steps = int(torch.load(checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=False)["global_step"])
+    training = {"steps": steps,
                 "step_s": timer.seconds_per_step if timer is not None else None,
                 "n_parameters": sum(p.numel() for p in model.flow.parameters() if p.requires_grad)}
     path = write_results(run_dir, cfg, model, evaluation, wall_s=time.time() - start,
