@@ -430,7 +430,11 @@ def finish_run(cfg: DictConfig, trainer: pl.Trainer, model: BoltzmannGenerator, 
             files.update(write_sample_trajectory(model.target, evaluation.samples, run_dir))
     wandb_dir = None
     if wandb_logger is not None:
-        wandb_logger.log_metrics({f"final/{k}": v for k, v in evaluation.metrics.items()}, step=trainer.global_step)
+        scalars = {f"final/{k}": v for k, v in evaluation.metrics.items()}
+        scalars.update({"final/wall_s": time.time() - start,
+                        "final/energy_evals_training": float(model.n_energy_evals_train),
+                        "final/energy_evals_evaluation": float(model.n_energy_evals_eval)})
+        wandb_logger.log_metrics(scalars, step=trainer.global_step)
         log_figures(trainer, {f"final_{k}": v for k, v in evaluation.figures.items()}, trainer.global_step)
         wandb_dir = str(Path(wandb_logger.experiment.dir).parent)
         files["wandb_run"] = wandb_dir
