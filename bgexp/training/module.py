@@ -7,6 +7,7 @@ mu(x) ~ exp(-u(x)) with log w = -u(x) - log q(x).
 
 from __future__ import annotations
 
+import atexit
 import logging
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -20,6 +21,22 @@ from bgexp.targets.base import Target
 from bgexp.training.losses import JointLoss, force_matching_error
 
 log = logging.getLogger(__name__)
+
+
+_EXIT_HOOK_REGISTERED = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    global _EXIT_HOOK_REGISTERED
+    if _EXIT_HOOK_REGISTERED:
+        return
+    _EXIT_HOOK_REGISTERED = True
+
+    def destroy() -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,6 +107,13 @@ class BoltzmannGenerator(pl.LightningModule):
         return g
 
     # Lightning hooks -------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """In a process of a multi-process run: destroy the process group when the process exits.
+        Lightning leaves it alive in spawned workers, and a gloo group torn down during interpreter
+        shutdown can abort the worker ("terminate called without an active exception")."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            _destroy_process_group_at_exit()
+
     def on_fit_start(self) -> None:
         self.latent_generator = self.make_generator()
 
