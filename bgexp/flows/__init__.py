@@ -1,7 +1,7 @@
 """Bijections with log-determinants (one module per family) and priors."""
 
 from bgexp.flows.base import AffineStandardization, Flow, InverseFlow, SequentialFlow
-from bgexp.flows.priors import NormalPrior, TorusPrior
+from bgexp.flows.priors import MeanFreeNormalPrior, NormalPrior, TorusPrior
 from bgexp.flows.realnvp import AffineCoupling, RealNVP
 from bgexp.flows.splines import NeuralSpline, SplineCoupling
 from bgexp.flows.torus import SmoothCoupling, SmoothTorusFlow
@@ -17,6 +17,7 @@ __all__ = [
     "NeuralSpline",
     "NormalPrior",
     "TorusPrior",
+    "MeanFreeNormalPrior",
     "SmoothCoupling",
     "SmoothTorusFlow",
 ]

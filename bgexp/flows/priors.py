@@ -75,3 +75,43 @@ class TorusPrior(nn.Module):
         n_linear = self.dim - self.n_circular
         return (-0.5 * (linear**2).sum(-1) - 0.5 * n_linear * math.log(2 * math.pi)
                 - self.n_circular * math.log(2 * math.pi))
+
+
+class MeanFreeNormalPrior(nn.Module):
+    """Standard normal on the mean-free subspace of n particles in d dimensions (Köhler, Klein,
+    Noé, "Equivariant Flows", ICML 2020): z in R^{n d} with sum_i z_i = 0 (centre of mass at the
+    origin), a linear subspace of dimension (n - 1) d.
+
+    Sampling projects an isotropic normal: z = x - mean_i(x_i), which is a standard normal on the
+    subspace (the projector is the identity there). The density with respect to the Lebesgue
+    measure of the subspace is log p(z) = -|z|^2 / 2 - ((n - 1) d / 2) log(2 pi); inputs are
+    projected first, so the centre of mass of a configuration does not matter (translation
+    invariance). `dim` is n d, the width of the flow's input.
+    """
+
+    def __init__(self, n_particles: int, spatial_dim: int, dim: int | None = None):
+        super().__init__()
+        if n_particles < 2 or spatial_dim < 1:
+            raise ValueError(f"need n_particles >= 2 and spatial_dim >= 1, got {n_particles}, {spatial_dim}")
+        self.n_particles, self.spatial_dim = int(n_particles), int(spatial_dim)
+        self.dim = self.n_particles * self.spatial_dim
+        if dim is not None and int(dim) != self.dim:
+            raise ValueError(f"dim={dim} does not match {n_particles} particles x {spatial_dim} dimensions = {self.dim}")
+        self.subspace_dim = (self.n_particles - 1) * self.spatial_dim
+        self.register_buffer("_anchor", torch.zeros(()))
+
+    def remove_mean(self, z: Tensor) -> Tensor:
+        xyz = z.reshape(*z.shape[:-1], self.n_particles, self.spatial_dim)
+        return (xyz - xyz.mean(-2, keepdim=True)).reshape(z.shape)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        device = generator.device if generator is not None else self._anchor.device
+        z = torch.randn(n, self.dim, generator=generator, device=device, dtype=self._anchor.dtype)
+        return self.remove_mean(z).to(self._anchor.device)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        if z.shape[-1] != self.dim:
+            raise ValueError(f"prior expects [..., {self.dim}] ({self.n_particles} particles x "
+                             f"{self.spatial_dim}), got {tuple(z.shape)}")
+        z = self.remove_mean(z)
+        return -0.5 * (z**2).sum(-1) - 0.5 * self.subspace_dim * math.log(2 * math.pi)

@@ -1,0 +1,144 @@
+"""Equivariant CNF (bgexp/flows/cnf.py) and the mean-free prior: divergences, log-dets, symmetries."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("torchdyn", reason="torchdyn is installed with `pip install --no-deps torchdyn==1.0.6`")
+
+from bgexp.flows.cnf import EquivariantCNF, subspace_basis  # noqa: E402
+from bgexp.flows.integrators import ODESolverError  # noqa: E402
+from bgexp.flows.priors import MeanFreeNormalPrior  # noqa: E402
+
+N, D = 4, 2
+
+
+def make_flow(field: str, seed: int = 0, **kwargs) -> EquivariantCNF:
+    torch.manual_seed(seed)
+    flow = EquivariantCNF(N, D, field=field, hidden=16, n_layers=2, **kwargs).double()
+    with torch.no_grad():  # a field that moves the particles visibly, but not a stiff one
+        for p in flow.field.parameters():
+            p.mul_(1.5)
+    return flow
+
+
+def samples(n: int = 4, seed: int = 1) -> torch.Tensor:
+    return MeanFreeNormalPrior(N, D).double().sample(n, generator=torch.Generator().manual_seed(seed))
+
+
+def random_orthogonal(d: int, seed: int, reflect: bool) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    if (torch.det(q) < 0) != reflect:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def test_mean_free_prior_is_normalised_on_its_subspace():
+    prior = MeanFreeNormalPrior(3, 1).double()
+    basis = subspace_basis(3, 1)  # [3, 2]
+    g = torch.linspace(-8, 8, 801, dtype=torch.float64)
+    a, b = torch.meshgrid(g, g, indexing="ij")
+    points = torch.stack([a.reshape(-1), b.reshape(-1)], -1) @ basis.T
+    mass = prior.log_prob(points).exp().sum() * (g[1] - g[0]) ** 2
+    assert float(mass) == pytest.approx(1.0, abs=1e-8)
+    z = prior.sample(1000, generator=torch.Generator().manual_seed(0))
+    assert z.reshape(1000, 3, 1).mean(1).abs().max() < 1e-12
+    assert torch.allclose(prior.log_prob(z + 3.0), prior.log_prob(z))  # translation invariant
+
+
+@pytest.mark.parametrize("field", ["egnn", "pairwise"])
+def test_exact_divergence_equals_the_jacobian_trace(field):
+    flow = make_flow(field)
+    x, t = samples(), torch.tensor(0.3, dtype=torch.float64)
+    v, div = flow.exact_divergence(t, x)
+    for i in range(x.shape[0]):
+        jac = torch.autograd.functional.jacobian(lambda y: flow.field(t, y[None])[0], x[i])
+        assert float(div[i]) == pytest.approx(float(torch.trace(jac)), abs=1e-6)
+    assert torch.allclose(v, flow.field(t, x))
+
+
+def test_hutchinson_divergence_is_unbiased():
+    flow = make_flow("egnn")
+    x, t = samples(2), torch.tensor(0.7, dtype=torch.float64)
+    _, exact = flow.exact_divergence(t, x)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([flow.hutchinson_divergence(t, x, torch.randint(0, 2, x.shape, generator=g).double() * 2 - 1)[1]
+                         for _ in range(2000)])
+    err = draws.std(0) / math.sqrt(len(draws))
+    assert torch.all((draws.mean(0) - exact).abs() < 4 * err)
+
+
+@pytest.mark.parametrize("field", ["egnn", "pairwise"])
+def test_logdet_equals_brute_force_on_the_subspace_and_inverts(field):
+    flow = make_flow(field, atol=1e-9, rtol=1e-9)
+    z = samples(2)
+    x, logdet = flow.forward(z)
+    assert (x - z).abs().max() > 1e-2  # the flow does something
+    basis = subspace_basis(N, D)
+    for i in range(z.shape[0]):
+        jac = torch.autograd.functional.jacobian(lambda c: basis.T @ flow.forward((basis @ c)[None])[0][0],
+                                                 basis.T @ z[i])
+        assert float(logdet[i]) == pytest.approx(float(torch.linalg.slogdet(jac)[1]), abs=1e-6)
+    back, logdet_inv = flow.inverse(x)
+    assert (back - z).abs().max() < 1e-7 and (logdet + logdet_inv).abs().max() < 1e-6
+
+
+def test_forward_then_inverse_at_default_tolerances_in_float32():
+    torch.manual_seed(0)
+    flow = EquivariantCNF(N, D, field="egnn", hidden=16, n_layers=2)
+    z = MeanFreeNormalPrior(N, D).sample(16, generator=torch.Generator().manual_seed(2))
+    x, logdet = flow.forward(z)
+    back, logdet_inv = flow.inverse(x)
+    assert (back - z).abs().max() <= 1e-4 and (logdet + logdet_inv).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("field", ["egnn", "pairwise"])
+@pytest.mark.parametrize("symmetry", ["rotation", "reflection", "translation", "permutation"])
+def test_equivariance_of_the_map_and_invariance_of_the_density(field, symmetry):
+    flow = make_flow(field, atol=1e-9, rtol=1e-9)
+    prior = MeanFreeNormalPrior(N, D).double()
+    z = samples(3)
+
+    def act(x: torch.Tensor) -> torch.Tensor:
+        xyz = x.reshape(-1, N, D)
+        if symmetry in ("rotation", "reflection"):
+            xyz = xyz @ random_orthogonal(D, 3, reflect=symmetry == "reflection").T
+        elif symmetry == "translation":
+            xyz = xyz + torch.tensor([0.7, -1.3], dtype=torch.float64)
+        else:
+            xyz = xyz[:, torch.tensor([2, 0, 3, 1])]
+        return xyz.reshape(x.shape)
+
+    x, _ = flow.forward(z)
+    if symmetry != "translation":  # the flow acts on the mean-free subspace; translations leave it
+        x_acted, _ = flow.forward(act(z))
+        assert (x_acted - act(x)).abs().max() < 1e-5
+
+    def log_q(y: torch.Tensor) -> torch.Tensor:
+        y = prior.remove_mean(y)
+        zz, ld = flow.inverse(y)
+        return prior.log_prob(zz) + ld
+
+    assert (log_q(act(x)) - log_q(x)).abs().max() < 1e-5
+
+
+def test_a_blow_up_in_the_field_is_an_error():
+    flow = make_flow("pairwise")
+    with torch.no_grad():
+        next(flow.field.parameters()).fill_(float("nan"))
+    with pytest.raises(ODESolverError, match="non-finite"):
+        flow.forward(samples(2))
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="divergence"):
+        EquivariantCNF(N, D, divergence="trace")
+    with pytest.raises(ValueError, match="field"):
+        EquivariantCNF(N, D, field="transformer")
+    with pytest.raises(ValueError, match="dim"):
+        EquivariantCNF(N, D, dim=9)
+    with pytest.raises(ValueError, match="shape"):
+        EquivariantCNF(N, D).forward(torch.zeros(2, 9))
