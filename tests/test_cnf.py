@@ -142,3 +142,24 @@ def test_bad_settings_are_clear_errors():
         EquivariantCNF(N, D, dim=9)
     with pytest.raises(ValueError, match="shape"):
         EquivariantCNF(N, D).forward(torch.zeros(2, 9))
+
+
+@pytest.mark.slow
+def test_dw4_ecnf_through_the_cli(tmp_path):
+    """A short maximum-likelihood run of the CNF on DW4 through bgexp-train with the offline W&B logger."""
+    import json
+
+    from helpers import run_cli
+
+    args = ["experiment=dw4_ecnf", "data.generate.n_chains=20", "data.generate.burn_in=500",
+            "data.generate.n_steps=2000", "data.generate.thin=20", "data.batch_size=128",
+            "flow.transform.solver=rk4", "flow.transform.steps=4", "flow.transform.hidden=8",
+            "flow.transform.n_layers=1", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+            "evaluation.n_samples=200", "evaluation.final_n_samples=300", "evaluation.n_bootstrap=10",
+            "evaluation.final_n_bootstrap=10"]
+    proc = run_cli("bgexp-train", args, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_dir = next((tmp_path / "outputs" / "runs" / "dw4_ecnf").iterdir())
+    results = json.loads((run_dir / "results.json").read_text())
+    assert 0 < results["ess"] <= 1 and math.isfinite(results["nll_test"])
+    assert results["training"]["steps"] > 0 and results["n_samples"] == 300

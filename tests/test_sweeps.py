@@ -202,7 +202,7 @@ def test_a_failing_member_does_not_stop_the_sweep(tmp_path):
 @pytest.mark.slow
 def test_optuna_search_resumes_its_sqlite_study(tmp_path):
     optuna = pytest.importorskip("optuna")
-    args = ["hparams_search=optuna_ess", *tiny("flow.transform.n_couplings")]
+    args = ["hparams_search=optuna_ess", *tiny()]
     proc = run("bgexp-train", [*args, "hydra.sweeper.n_trials=3"], tmp_path)
     check(proc)
     (first,) = sweep_dirs(tmp_path)
@@ -246,7 +246,7 @@ def test_a_failing_optuna_trial_is_recorded_and_the_search_goes_on(tmp_path):
     """n_couplings=0 fails at build time: that trial is FAIL with failed.json, the others complete."""
     optuna = pytest.importorskip("optuna")
     args = ["-m", "hparams_search=optuna_ess", *tiny("flow.transform.n_couplings"), "hydra.sweeper.n_trials=4",
-            "flow.transform.n_couplings=choice(0,2)"]  # the command line's range replaces the config's
+            "flow.transform.n_couplings=choice(0,2)"]  # a search dimension added on the command line
     proc = run("bgexp-train", args, tmp_path)
     check(proc)
     study = optuna.load_study(study_name="dimer_realnvp", storage=f"sqlite:///{tmp_path}/outputs/optuna/dimer_realnvp.db")

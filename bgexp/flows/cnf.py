@@ -48,6 +48,17 @@ from bgexp.flows.realnvp import mlp
 DIVERGENCES = ("exact", "hutchinson")
 
 
+def _particle_count(n_particles: int | None, spatial_dim: int, dim: int | None) -> int:
+    """n from n_particles, or from the flattened width dim = n d (what build_model passes)."""
+    if n_particles is None:
+        if dim is None or int(dim) % int(spatial_dim):
+            raise ValueError(f"give n_particles, or dim divisible by spatial_dim={spatial_dim} (got dim={dim})")
+        n_particles = int(dim) // int(spatial_dim)
+    if dim is not None and int(dim) != int(n_particles) * int(spatial_dim):
+        raise ValueError(f"dim={dim} does not match {n_particles} particles x {spatial_dim} dimensions")
+    return int(n_particles)
+
+
 def _pairs(x: Tensor, n: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
     """Differences x_i - x_j [B, n, n, d], squared distances [B, n, n, 1], off-diagonal mask [n, n, 1]."""
     xyz = x.reshape(x.shape[0], n, d)
@@ -122,14 +133,13 @@ class EquivariantCNF(Flow):
     divergence). Gradients flow through the solver's operations (direct backpropagation).
     """
 
-    def __init__(self, n_particles: int, spatial_dim: int, field: str = "egnn", hidden: int = 64,
+    def __init__(self, n_particles: int | None = None, spatial_dim: int = 3, field: str = "egnn", hidden: int = 64,
                  n_layers: int = 3, divergence: str = "exact", solver: str = "dopri5", atol: float = 1e-5,
                  rtol: float = 1e-5, steps: int = 20, max_nfe: int = 100_000, dim: int | None = None):
         super().__init__()
-        self.n_particles, self.spatial_dim = int(n_particles), int(spatial_dim)
+        n_particles = _particle_count(n_particles, spatial_dim, dim)
+        self.n_particles, self.spatial_dim = n_particles, int(spatial_dim)
         self.dim = self.n_particles * self.spatial_dim
-        if dim is not None and int(dim) != self.dim:
-            raise ValueError(f"dim={dim} does not match {n_particles} particles x {spatial_dim} dimensions = {self.dim}")
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
         if field == "egnn":

@@ -89,10 +89,13 @@ class MeanFreeNormalPrior(nn.Module):
     invariance). `dim` is n d, the width of the flow's input.
     """
 
-    def __init__(self, n_particles: int, spatial_dim: int, dim: int | None = None):
+    def __init__(self, n_particles: int | None = None, spatial_dim: int = 3, dim: int | None = None):
         super().__init__()
-        if n_particles < 2 or spatial_dim < 1:
-            raise ValueError(f"need n_particles >= 2 and spatial_dim >= 1, got {n_particles}, {spatial_dim}")
+        if n_particles is None and dim is not None and spatial_dim >= 1 and int(dim) % int(spatial_dim) == 0:
+            n_particles = int(dim) // int(spatial_dim)  # from the flattened width n d
+        if n_particles is None or n_particles < 2 or spatial_dim < 1:
+            raise ValueError(f"need n_particles >= 2 (or dim = n x spatial_dim) and spatial_dim >= 1, got "
+                             f"n_particles={n_particles}, spatial_dim={spatial_dim}, dim={dim}")
         self.n_particles, self.spatial_dim = int(n_particles), int(spatial_dim)
         self.dim = self.n_particles * self.spatial_dim
         if dim is not None and int(dim) != self.dim:

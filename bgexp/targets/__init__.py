@@ -2,6 +2,8 @@
 
 from bgexp.targets.base import Reference, ReferenceValue, Target
 from bgexp.targets.dimer import DimerTarget
+from bgexp.targets.particles import DoubleWell4, LennardJones, ParticleTarget
 from bgexp.targets.torus import TorusMixture
 
-__all__ = ["Target", "Reference", "ReferenceValue", "DimerTarget", "TorusMixture"]
+__all__ = ["Target", "Reference", "ReferenceValue", "DimerTarget", "TorusMixture", "ParticleTarget", "DoubleWell4",
+           "LennardJones"]

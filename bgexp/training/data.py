@@ -195,7 +195,10 @@ class TargetDataModule(pl.LightningDataModule):
                             settings_json=settings_json)
             return x
         samples = sample_states(self.target, progress=self.progress, **settings)
-        x = samples.x.detach().cpu().numpy()
+        x = samples.x.detach()
+        if callable(getattr(self.target, "remove_com", None)):  # particle systems: mean-free samples
+            x = self.target.remove_com(x)
+        x = x.cpu().numpy()
         save_npz_atomic(
             path,
             x=x,
