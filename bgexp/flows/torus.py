@@ -197,6 +197,14 @@ def smooth_circular_inverse(theta: Tensor, p: CircularMixtureParams) -> tuple[Te
     return wrap_angle(TWO_PI * x - math.pi), -torch.log(slope)
 
 
+def circular_mask(circular: Tensor | Sequence[bool] | None, dim: int) -> Tensor:
+    """The bool mask of angle features (None: every feature is an angle), checked against dim."""
+    mask = torch.ones(dim, dtype=torch.bool) if circular is None else torch.as_tensor(circular, dtype=torch.bool)
+    if mask.shape != (dim,):
+        raise ValueError(f"circular must be a bool mask of length dim={dim}, got shape {tuple(mask.shape)}")
+    return mask
+
+
 class SmoothCoupling(Flow):
     """One smooth coupling; `mask[i]` is True where feature i conditions (is kept).
 
@@ -223,9 +231,7 @@ class SmoothCoupling(Flow):
         if mask.dim() != 1 or mask.all() or not mask.any():
             raise ValueError("coupling mask must be 1-D with both kept and transformed entries")
         self.dim = int(mask.numel())
-        circular = torch.ones(self.dim, dtype=torch.bool) if circular is None else torch.as_tensor(circular, dtype=torch.bool)
-        if circular.shape != (self.dim,):
-            raise ValueError(f"circular must be a bool mask of length dim={self.dim}, got shape {tuple(circular.shape)}")
+        circular = circular_mask(circular, self.dim)
         if activation not in SMOOTH_ACTIVATIONS:
             raise ValueError(f"a smooth coupling needs a smooth activation ({', '.join(SMOOTH_ACTIVATIONS)}), "
                              f"got {activation!r}")
@@ -317,9 +323,7 @@ class SmoothTorusFlow(SequentialFlow):
         if n_couplings < 1:
             raise ValueError(f"n_couplings must be >= 1, got {n_couplings}")
         dim = int(dim)
-        circular = torch.ones(dim, dtype=torch.bool) if circular is None else torch.as_tensor(circular, dtype=torch.bool)
-        if circular.shape != (dim,):
-            raise ValueError(f"circular must be a bool mask of length dim={dim}, got shape {tuple(circular.shape)}")
+        circular = circular_mask(circular, dim)
         super().__init__(
             SmoothCoupling(mask, circular, hidden, activation, n_components, min_slope, max_log_scale, analytic)
             for mask in coupling_masks(dim, int(n_couplings), split, seed)
