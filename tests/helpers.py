@@ -35,6 +35,18 @@ TINY = [
 ]
 
 
+# short evaluation settings for the CLI runs of the molecular experiments
+SHORT_EVALUATION = ["trainer.enable_progress_bar=false", "evaluation.every_n_epochs=1", "evaluation.n_samples=200",
+                    "evaluation.n_bootstrap=10", "evaluation.final_n_samples=300", "evaluation.final_n_bootstrap=10"]
+
+
+def ala2_tiny_md(tmp: Path) -> list[str]:
+    """Overrides for tiny ALA2 MD data in `tmp` (200 frames at 300 K and 100 at 600 K), made by the run."""
+    return [f"data.path=[{tmp}/md300,{tmp}/md600]",
+            "data.md=[{n_frames:200,report_interval:50,chunk_frames:100,equilibration_steps:200},"
+            "{n_frames:100,report_interval:50,chunk_frames:100,equilibration_steps:200,temperature:600}]"]
+
+
 def console_script(name: str) -> str:
     path = Path(sys.executable).parent / name
     if not path.exists():

@@ -23,7 +23,7 @@ from bgexp.flows.coordinates import MixedCoordinates, ZMatrix, superpose  # noqa
 from bgexp.targets.dynamics import MDError, MDSettings, load_md, load_trajectory, run_md  # noqa: E402
 from bgexp.targets.peptides import AlanineDipeptide  # noqa: E402
 from bgexp.training.data import DataError, TargetDataModule  # noqa: E402
-from helpers import REPO, run_cli  # noqa: E402
+from helpers import REPO, SHORT_EVALUATION, ala2_tiny_md, run_cli  # noqa: E402
 
 SHORT = MDSettings(n_frames=40, report_interval=50, chunk_frames=10, equilibration_steps=200, seed=3)
 
@@ -193,14 +193,9 @@ def test_ala2_logdet_matches_brute_force_jacobian_in_float64(ala2, ala2_md):
 # a real CLI run -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ala2_cli_run_writes_results_trajectory_and_ramachandran(tmp_path):
-    md = [f"data.path=[{tmp_path}/md300,{tmp_path}/md600]",
-          "data.md=[{n_frames:200,report_interval:50,chunk_frames:100,equilibration_steps:200},"
-          "{n_frames:100,report_interval:50,chunk_frames:100,equilibration_steps:200,temperature:600}]"]
-    args = ["experiment=ala2_realnvp", *md, "target.n_workers=2", "data.batch_size=64",
+    args = ["experiment=ala2_realnvp", *ala2_tiny_md(tmp_path), "target.n_workers=2", "data.batch_size=64",
             "flow.transform.n_couplings=2", "flow.transform.hidden=[32]", "loss.nll_warmup_steps=3",
-            "loss.kl_ramp_steps=3", "loss.kl_batch_size=32", "trainer.max_epochs=2",
-            "trainer.enable_progress_bar=false", "evaluation.every_n_epochs=1", "evaluation.n_samples=200",
-            "evaluation.n_bootstrap=10", "evaluation.final_n_samples=300", "evaluation.final_n_bootstrap=10"]
+            "loss.kl_ramp_steps=3", "loss.kl_batch_size=32", "trainer.max_epochs=2", *SHORT_EVALUATION]
     proc = run_cli("bgexp-train", args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run_dir = next((tmp_path / "outputs" / "runs" / "ala2_realnvp").iterdir())

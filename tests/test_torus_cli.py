@@ -15,7 +15,7 @@ from bgexp.flows import SmoothTorusFlow, TorusPrior
 from bgexp.flows.base import AffineStandardization
 from bgexp.flows.coordinates import BoundedTorsions, MixedCoordinates
 from bgexp.training.run import ConfigError, build_model, build_target
-from helpers import REPO, run_cli
+from helpers import REPO, SHORT_EVALUATION, ala2_tiny_md, run_cli
 
 TORUS_TINY = ["data.generate.n_samples=2000", "data.batch_size=128", "flow.transform.hidden=[32]",
               "trainer.max_epochs=3", "trainer.enable_progress_bar=false", "evaluation.every_n_epochs=3",
@@ -76,13 +76,9 @@ def test_torus_model_is_a_density_on_the_torus():
 def test_ala2_smooth_model_and_cli_with_force_matching(tmp_path):
     """The torsions are circular (no BoundedTorsions, not standardized), and a short NLL + force
     matching run through the CLI reports the force error of the learned density."""
-    md = [f"data.path=[{tmp_path}/md300,{tmp_path}/md600]",
-          "data.md=[{n_frames:200,report_interval:50,chunk_frames:100,equilibration_steps:200},"
-          "{n_frames:100,report_interval:50,chunk_frames:100,equilibration_steps:200,temperature:600}]"]
+    md = ala2_tiny_md(tmp_path)
     small = ["target.n_workers=2", "data.batch_size=64", "flow.transform.n_couplings=2", "flow.transform.hidden=[32]"]
-    args = ["experiment=ala2_smooth", *md, *small, "trainer.max_epochs=2",
-            "trainer.enable_progress_bar=false", "evaluation.every_n_epochs=1", "evaluation.n_samples=200",
-            "evaluation.n_bootstrap=10", "evaluation.final_n_samples=300", "evaluation.final_n_bootstrap=10"]
+    args = ["experiment=ala2_smooth", *md, *small, "trainer.max_epochs=2", *SHORT_EVALUATION]
     proc = run_cli("bgexp-train", args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run_dir = next((tmp_path / "outputs" / "runs" / "ala2_smooth").iterdir())
