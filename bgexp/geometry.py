@@ -85,11 +85,26 @@ def superpose(x: Tensor, ref: Tensor) -> Tensor:
         ref = ref.reshape(ref.shape[0], n_atoms, 3)
     x_mean, ref_mean = x.mean(1, keepdim=True), ref.mean(1, keepdim=True)
     xc, rc = x - x_mean, ref - ref_mean
-    u, _, vh = torch.linalg.svd(xc.transpose(1, 2) @ rc)
-    d = torch.sign(torch.linalg.det(vh.transpose(1, 2) @ u.transpose(1, 2)))
-    ones = torch.ones_like(d)
-    rot = vh.transpose(1, 2) @ torch.diag_embed(torch.stack([ones, ones, d], -1)) @ u.transpose(1, 2)
+    rot = optimal_rotation(xc, rc.expand_as(xc))
     return (xc @ rot.transpose(1, 2) + ref_mean).reshape(shape)
+
+
+def optimal_rotation(x: Tensor, ref: Tensor) -> Tensor:
+    """The proper rotation R [batch, d, d] minimising sum_i |R x_i - ref_i|^2 (Kabsch 1976), any d.
+
+    `x` and `ref` are centred point sets [batch, n, d]. With the SVD U S V^T = X^T Y of the
+    covariance, R = V diag(1, ..., 1, s) U^T and s = sign det(V U^T), so that det R = +1.
+    Apply it as x @ R^T.
+    """
+    if x.dim() != 3 or x.shape != ref.shape:
+        raise ValueError(f"optimal_rotation expects two point sets [batch, n, d] of one shape, got "
+                         f"{tuple(x.shape)} and {tuple(ref.shape)}")
+    u, _, vh = torch.linalg.svd(x.transpose(1, 2) @ ref)
+    v, ut = vh.transpose(1, 2), u.transpose(1, 2)
+    s = torch.sign(torch.linalg.det(v @ ut))
+    diag = torch.ones(x.shape[0], x.shape[-1], dtype=x.dtype, device=x.device)
+    diag[:, -1] = torch.where(s == 0, torch.ones_like(s), s)
+    return v @ torch.diag_embed(diag) @ ut
 
 
 def wrap_angle(x: Tensor) -> Tensor:

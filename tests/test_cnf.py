@@ -163,3 +163,45 @@ def test_dw4_ecnf_through_the_cli(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert 0 < results["ess"] <= 1 and math.isfinite(results["nll_test"])
     assert results["training"]["steps"] > 0 and results["n_samples"] == 300
+
+
+@pytest.mark.parametrize("solver,options", [("rk4", {"steps": 6}), ("dopri5", {"atol": 1e-9, "rtol": 1e-9})])
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_adjoint_gradients_equal_backpropagation(solver, options, direction):
+    """Adjoint sensitivities (a backwards adjoint solve) against direct backpropagation through the
+    solver, for parameters and inputs, in both directions of time, float64."""
+    gradients = {}
+    for sensitivity in ("autograd", "adjoint"):
+        torch.manual_seed(1)
+        flow = EquivariantCNF(n_particles=4, spatial_dim=2, hidden=8, n_layers=2, solver=solver,
+                              sensitivity=sensitivity, **options).double()
+        x = samples(5, seed=2).requires_grad_(True)
+        y, logdet = getattr(flow, direction)(x)
+        ((y**2).sum() + logdet.sum()).backward()
+        gradients[sensitivity] = torch.cat([p.grad.flatten() for p in flow.parameters()] + [x.grad.flatten()])
+    scale = gradients["autograd"].abs().max()
+    assert torch.allclose(gradients["adjoint"], gradients["autograd"], atol=1e-6 * float(scale))
+
+
+def test_adjoint_needs_every_parameter_to_require_gradients():
+    flow = EquivariantCNF(n_particles=4, spatial_dim=2, hidden=4, n_layers=1, solver="euler", steps=2,
+                          sensitivity="adjoint")
+    flow.field.coord[0][0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="require gradients"):
+        flow(samples(3).float())
+    with pytest.raises(ValueError, match="sensitivity"):
+        EquivariantCNF(n_particles=4, spatial_dim=2, sensitivity="backsolve")
+
+
+def test_hutchinson_in_training_and_the_exact_divergence_in_evaluation():
+    torch.manual_seed(0)
+    flow = EquivariantCNF(n_particles=4, spatial_dim=2, hidden=8, n_layers=2, solver="rk4", steps=4,
+                          divergence="hutchinson", eval_divergence="exact").double()
+    exact = EquivariantCNF(n_particles=4, spatial_dim=2, hidden=8, n_layers=2, solver="rk4", steps=4).double()
+    exact.load_state_dict(flow.state_dict())
+    x = samples(6)
+    flow.eval()
+    assert torch.allclose(flow.inverse(x)[1], exact.inverse(x)[1], atol=1e-12)
+    flow.train()
+    assert not torch.allclose(flow.inverse(x)[1], exact.inverse(x)[1], atol=1e-6)  # a stochastic estimate
+    assert flow.nfe == 16  # 4 steps x 4 stages of the classical RK4

@@ -18,8 +18,8 @@ fields:
   Gaussian radial features of the distance and t.
 - `EGNNField`: layers of an E(n)-equivariant graph network (Satorras, Hoogeboom, Welling 2021):
   m_ij = phi_e(h_i, h_j, |x_i - x_j|^2), x_i <- x_i + sum_j (x_i - x_j) phi_x(m_ij) / ((n - 1)(1 + |x_i - x_j|)),
-  h_i <- h_i + phi_h(h_i, sum_j m_ij); node features start as an embedding of t (the particles are
-  identical); v = x_L - x_0.
+  h_i <- h_i + phi_h(h_i, sum_j m_ij) (not after the last layer); node features start as an
+  embedding of t (the particles are identical); v = x_L - x_0.
 
 Both outputs have their mean over particles removed, and both depend on x only through differences
 x_i - x_j, so v is translation invariant: its Jacobian J annihilates the centre-of-mass directions
@@ -68,6 +68,14 @@ def _pairs(x: Tensor, n: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
     return diff, sq, mask
 
 
+def _time_column(t: Tensor | float, batch: int, like: Tensor) -> Tensor:
+    """t as a [batch, 1] column: a scalar time (an ODE solve) or one time per sample [batch] (flow matching)."""
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device).reshape(-1, 1)
+    if t.shape[0] not in (1, batch):
+        raise ValueError(f"the field needs one time or one per sample ({batch}), got {t.shape[0]}")
+    return t.expand(batch, 1)
+
+
 def _remove_mean(v: Tensor, n: int, d: int) -> Tensor:
     xyz = v.reshape(v.shape[0], n, d)
     return (xyz - xyz.mean(1, keepdim=True)).reshape(v.shape)
@@ -88,7 +96,7 @@ class PairwiseField(nn.Module):
         diff, sq, mask = _pairs(x, self.n, self.d)
         r = torch.sqrt(sq + 1e-12)
         rbf = torch.exp(-0.5 * ((r - self.centres.to(x)) / self.width) ** 2)
-        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(*rbf.shape[:-1], 1)
+        tt = _time_column(t, x.shape[0], x)[:, None, None, :].expand(*rbf.shape[:-1], 1)
         weight = self.phi(torch.cat([rbf, tt], -1)) * mask
         v = (diff * weight).sum(2) / (self.n - 1)
         return _remove_mean(v.reshape(x.shape), self.n, self.d)
@@ -105,57 +113,40 @@ class EGNNField(nn.Module):
         self.edge = nn.ModuleList(mlp(2 * self.hidden + 1, self.hidden, (self.hidden,), activation, False)
                                   for _ in range(n_layers))
         self.coord = nn.ModuleList(mlp(self.hidden, 1, (self.hidden,), activation, False) for _ in range(n_layers))
+        # the node features after the last layer are never read: no update there, so that every
+        # parameter reaches the output (the adjoint method requires it)
         self.node = nn.ModuleList(mlp(2 * self.hidden, self.hidden, (self.hidden,), activation, False)
-                                  for _ in range(n_layers))
+                                  for _ in range(n_layers - 1))
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         b, n, d = x.shape[0], self.n, self.d
-        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(1, 1, 1).expand(b, n, 1)
+        tt = _time_column(t, b, x)[:, None, :].expand(b, n, 1)
         h = self.time_embedding(tt)
         pos = x.reshape(b, n, d)
         start = pos
-        for edge, coord, node in zip(self.edge, self.coord, self.node):
+        for layer, (edge, coord) in enumerate(zip(self.edge, self.coord)):
             diff, sq, mask = _pairs(pos.reshape(b, n * d), n, d)
             hi = h[:, :, None, :].expand(b, n, n, self.hidden)
             hj = h[:, None, :, :].expand(b, n, n, self.hidden)
             m = edge(torch.cat([hi, hj, sq], -1)) * mask
             scale = coord(m) / ((n - 1) * (1.0 + torch.sqrt(sq + 1e-12)))
             pos = pos + (diff * scale * mask).sum(2)
-            h = h + node(torch.cat([h, m.sum(2)], -1))
+            if layer < len(self.node):
+                h = h + self.node[layer](torch.cat([h, m.sum(2)], -1))
         return _remove_mean((pos - start).reshape(b, n * d), n, d)
 
 
-class EquivariantCNF(Flow):
-    """A CNF with an equivariant field on n particles in d dimensions (module docstring).
+class AugmentedField(nn.Module):
+    """The ODE of a CNF solve: d[x, Delta]/dt = [v(t, x), div v(t, x)] as a module (the adjoint
+    method differentiates it in its parameters, those of the vector field). `noise` is the
+    Hutchinson probe of this solve (None: exact divergence)."""
 
-    `forward(z)` integrates t: 0 -> 1, `inverse(x)` t: 1 -> 0; both return log|det| of their
-    direction. `nfe` holds the field evaluations of the last solve (each also computes the
-    divergence). Gradients flow through the solver's operations (direct backpropagation).
-    """
-
-    def __init__(self, n_particles: int | None = None, spatial_dim: int = 3, field: str = "egnn", hidden: int = 64,
-                 n_layers: int = 3, divergence: str = "exact", solver: str = "dopri5", atol: float = 1e-5,
-                 rtol: float = 1e-5, steps: int = 20, max_nfe: int = 100_000, dim: int | None = None):
+    def __init__(self, cnf: "EquivariantCNF", noise: Tensor | None):
         super().__init__()
-        n_particles = _particle_count(n_particles, spatial_dim, dim)
-        self.n_particles, self.spatial_dim = n_particles, int(spatial_dim)
-        self.dim = self.n_particles * self.spatial_dim
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-        if field == "egnn":
-            self.field = EGNNField(n_particles, spatial_dim, hidden, n_layers)
-        elif field == "pairwise":
-            self.field = PairwiseField(n_particles, spatial_dim, (hidden, hidden))
-        else:
-            raise ValueError(f"field must be 'egnn' or 'pairwise', got {field!r}")
-        self.divergence = divergence
-        self.integrator = ODEIntegrator(solver, atol=atol, rtol=rtol, steps=steps, max_nfe=max_nfe)
-        self.nfe = 0
+        self.field = cnf.field
+        self.noise = noise
 
-    # ---------------------------------------------------------------- the augmented field
-
-    def exact_divergence(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """v(t, x) [B, D] and tr(dv/dx) [B] from the full per-sample Jacobian."""
+    def exact(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         def single(xi: Tensor) -> tuple[Tensor, Tensor]:
             v = self.field(t, xi[None])[0]
             return v, v
@@ -163,28 +154,82 @@ class EquivariantCNF(Flow):
         jac, v = torch.func.vmap(torch.func.jacrev(single, has_aux=True))(x)
         return v, jac.diagonal(dim1=-2, dim2=-1).sum(-1)
 
+    def hutchinson(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        v, vjp = torch.func.vjp(lambda y: self.field(t, y), x)
+        (eps_j,) = vjp(self.noise)
+        return v, (eps_j * self.noise).sum(-1)
+
+    def forward(self, t: Tensor, state: Tensor) -> Tensor:
+        y = state[:, :-1]
+        v, div = self.exact(t, y) if self.noise is None else self.hutchinson(t, y)
+        return torch.cat([v, div[:, None]], -1)
+
+
+class EquivariantCNF(Flow):
+    """A CNF with an equivariant field on n particles in d dimensions (module docstring).
+
+    `forward(z)` integrates t: 0 -> 1, `inverse(x)` t: 1 -> 0; both return log|det| of their
+    direction. `nfe` holds the field evaluations of the last solve (each also computes the
+    divergence). `velocity(t, x)` is the bare field (flow matching trains it without a solve).
+
+    divergence: "exact" or "hutchinson" in training mode; eval_divergence: the one used in eval
+    mode (sampling and log q for reweighting; None = the same), so a model trained with
+    Hutchinson's estimator is still evaluated with exact log-densities.
+    sensitivity: "autograd" backpropagates through the solver's operations (memory grows with the
+    number of steps); "adjoint" solves the adjoint ODE backwards in time (Chen et al. 2018, through
+    torchdyn's adjoint), with memory independent of the steps and gradients exact up to the
+    solver tolerance.
+    """
+
+    def __init__(self, n_particles: int | None = None, spatial_dim: int = 3, field: str = "egnn", hidden: int = 64,
+                 n_layers: int = 3, divergence: str = "exact", solver: str = "dopri5", atol: float = 1e-5,
+                 rtol: float = 1e-5, steps: int = 20, max_nfe: int = 100_000, dim: int | None = None,
+                 eval_divergence: str | None = None, sensitivity: str = "autograd"):
+        super().__init__()
+        n_particles = _particle_count(n_particles, spatial_dim, dim)
+        self.n_particles, self.spatial_dim = n_particles, int(spatial_dim)
+        self.dim = self.n_particles * self.spatial_dim
+        for name, value in (("divergence", divergence), ("eval_divergence", eval_divergence or divergence)):
+            if value not in DIVERGENCES:
+                raise ValueError(f"{name} must be one of {DIVERGENCES}, got {value!r}")
+        if field == "egnn":
+            if int(n_layers) < 1:
+                raise ValueError(f"the EGNN field needs n_layers >= 1, got {n_layers}")
+            self.field = EGNNField(n_particles, spatial_dim, hidden, n_layers)
+        elif field == "pairwise":
+            self.field = PairwiseField(n_particles, spatial_dim, (hidden, hidden))
+        else:
+            raise ValueError(f"field must be 'egnn' or 'pairwise', got {field!r}")
+        self.divergence = divergence
+        self.eval_divergence = eval_divergence or divergence
+        self.integrator = ODEIntegrator(solver, atol=atol, rtol=rtol, steps=steps, max_nfe=max_nfe,
+                                        sensitivity=sensitivity)
+        self.nfe = 0
+
+    # ---------------------------------------------------------------- the field and its divergence
+
+    def velocity(self, t: Tensor | float, x: Tensor) -> Tensor:
+        """v(t, x) [B, D] for one time or one time per sample [B]."""
+        return self.field(t, x)
+
+    def exact_divergence(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """v(t, x) [B, D] and tr(dv/dx) [B] from the full per-sample Jacobian."""
+        return AugmentedField(self, None).exact(t, x)
+
     def hutchinson_divergence(self, t: Tensor, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         """v(t, x) and eps^T (dv/dx) eps for the given noise eps [B, D]."""
-        v, vjp = torch.func.vjp(lambda y: self.field(t, y), x)
-        (eps_j,) = vjp(noise)
-        return v, (eps_j * noise).sum(-1)
+        return AugmentedField(self, noise).hutchinson(t, x)
+
+    def active_divergence(self) -> str:
+        return self.divergence if self.training else self.eval_divergence
 
     def _solve(self, x: Tensor, t0: float, t1: float) -> tuple[Tensor, Tensor]:
         self.check_input(x, "input")
         noise = None
-        if self.divergence == "hutchinson":  # Rademacher, new for every solve, fixed within it
+        if self.active_divergence() == "hutchinson":  # Rademacher, new for every solve, fixed within it
             noise = torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1
-
-        def augmented(t: Tensor, state: Tensor) -> Tensor:
-            y = state[:, :-1]
-            if noise is None:
-                v, div = self.exact_divergence(t, y)
-            else:
-                v, div = self.hutchinson_divergence(t, y, noise)
-            return torch.cat([v, div[:, None]], -1)
-
         state = torch.cat([x, x.new_zeros(x.shape[0], 1)], -1)
-        out = self.integrator.integrate(augmented, state, t0, t1)
+        out = self.integrator.integrate(AugmentedField(self, noise), state, t0, t1)
         self.nfe = self.integrator.nfe
         return out[:, :-1], out[:, -1]
 
@@ -196,7 +241,8 @@ class EquivariantCNF(Flow):
 
     def extra_repr(self) -> str:
         return (f"n_particles={self.n_particles}, spatial_dim={self.spatial_dim}, divergence={self.divergence}, "
-                f"solver={self.integrator.solver}")
+                f"eval_divergence={self.eval_divergence}, solver={self.integrator.solver}, "
+                f"sensitivity={self.integrator.sensitivity}")
 
 
 def subspace_basis(n_particles: int, spatial_dim: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -207,4 +253,4 @@ def subspace_basis(n_particles: int, spatial_dim: int, dtype: torch.dtype = torc
     return torch.kron(q.contiguous(), torch.eye(d, dtype=dtype))
 
 
-__all__ = ["EquivariantCNF", "EGNNField", "PairwiseField", "subspace_basis", "DIVERGENCES"]
+__all__ = ["EquivariantCNF", "AugmentedField", "EGNNField", "PairwiseField", "subspace_basis", "DIVERGENCES"]

@@ -58,6 +58,8 @@ class ParticleTarget(Target):
         self.register_buffer("pair_i", i, persistent=False)
         self.register_buffer("pair_j", j, persistent=False)
         self.observables = {"mean_distance": self.mean_distance}
+        # multi-valued observables: evaluation compares their pooled histograms with the data's
+        self.distributions = {"pair_distance": self.pair_distances}
         self.states = {ALL_STATE: self.is_anywhere}
         self.reference = None
 

@@ -12,18 +12,27 @@ For N flow samples x_i ~ q with log-weights log w_i = -u(x_i) - log q(x_i):
 - with the data's reduced forces f = -grad u (`forces`), the force-matching error of the flow's
   score on (up to n_samples of) the held-out data: force_rmse = sqrt(mean (grad_x log q - f)^2)
   and force_rmse_relative = force_rmse / sqrt(mean f^2) (Koehler et al., NeurIPS 2021).
+- with data: the 1-Wasserstein distance between the data's reduced energies and those of the flow
+  samples, unweighted (`energy_w1_flow`) and reweighted (`energy_w1_reweighted`); the same for each
+  multi-valued observable the target lists in `distributions` (all interparticle distances of the
+  particle systems: `distribution/pair_distance/w1_flow`, `.../w1_reweighted`), with histograms;
+- for continuous flows, the function evaluations per sample (`nfe_per_sample`, the field
+  evaluations of the ODE solve that produced it, averaged over batches) and the sampling time
+  (`sampling_s_per_1000`, with log q and energies).
 Samples with non-finite energy get weight zero and are counted (`n_nonfinite_energies`).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import wasserstein_distance
 
 from bgexp import plots
 from bgexp.estimators import (
@@ -51,17 +60,42 @@ class Evaluation:
 
 @torch.no_grad()
 def draw_samples(
-    bg: BoltzmannGenerator, n: int, batch_size: int, generator: torch.Generator
+    bg: BoltzmannGenerator, n: int, batch_size: int, generator: torch.Generator,
+    stats: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """n samples with log q and reduced energies, in batches; energies count as evaluation."""
+    """n samples with log q and reduced energies, in batches; energies count as evaluation.
+
+    If `stats` is a dict, it receives `sampling_s_per_1000` and, for flows that count their field
+    evaluations (`nfe` after each solve), `nfe_per_sample`."""
     xs, log_qs, us = [], [], []
+    nfe_total, counts_nfe = 0.0, hasattr(bg.flow, "nfe")
+    start_time = time.perf_counter()
     with bg.counting_evaluation():
         for start in range(0, n, batch_size):
             x, log_q = bg.sample(min(batch_size, n - start), generator=generator)
+            if counts_nfe:
+                nfe_total += float(bg.flow.nfe) * x.shape[0]
             xs.append(x)
             log_qs.append(log_q)
             us.append(bg.energy(x))
+    if stats is not None:
+        stats["sampling_s_per_1000"] = 1000.0 * (time.perf_counter() - start_time) / n
+        if counts_nfe:
+            stats["nfe_per_sample"] = nfe_total / n
     return torch.cat(xs), torch.cat(log_qs), torch.cat(us)
+
+
+def wasserstein_1(reference: np.ndarray, values: np.ndarray, weights: np.ndarray | None = None) -> float | None:
+    """W1 between the finite values of two 1-D samples (scipy), `values` optionally weighted;
+    None if either side has nothing finite (or no positive weight)."""
+    ref = reference[np.isfinite(reference)]
+    keep = np.isfinite(values)
+    if weights is not None:
+        keep &= np.isfinite(weights) & (weights >= 0)
+    v, w = values[keep], None if weights is None else weights[keep]
+    if ref.size == 0 or v.size == 0 or (w is not None and not w.sum() > 0):
+        return None
+    return float(wasserstein_distance(ref, v, v_weights=w))
 
 
 @torch.no_grad()
@@ -114,7 +148,8 @@ def evaluate(
     was_training = bg.training
     bg.eval()
     generator = bg.make_generator(offset=seed_offset)
-    x, log_q, u = draw_samples(bg, n_samples, batch_size, generator)
+    sampling: dict[str, float] = {}
+    x, log_q, u = draw_samples(bg, n_samples, batch_size, generator, stats=sampling)
     bg.train(was_training)
     target = bg.target
     n_nonfinite = int((~torch.isfinite(u)).sum())
@@ -123,6 +158,7 @@ def evaluate(
         "ess": ess(log_w),
         "n_samples": float(n_samples),
         "n_nonfinite_energies": float(n_nonfinite),
+        **sampling,
     }
     finite_u = u[torch.isfinite(u)].double().cpu().numpy()
     if finite_u.size:
@@ -229,6 +265,31 @@ def evaluate(
     w = np.exp(log_w - np.max(log_w[finite_w])) if finite_w.any() else np.zeros(n_samples)
     energies["reweighted samples"] = energies["flow samples"]
     weights["reweighted samples"] = w
+    has_data = data is not None and len(data) > 0
+    if has_data:
+        for key, weight in (("energy_w1_flow", None), ("energy_w1_reweighted", w)):
+            value = wasserstein_1(energies["data"], energies["flow samples"], weight)
+            if value is not None:
+                metrics[key] = value
+    for dist_name, dist in getattr(target, "distributions", {}).items():
+        values = {"flow samples": dist(x).double().cpu().numpy()}
+        n_per_sample = values["flow samples"].shape[1]
+        repeated = np.repeat(w, n_per_sample)
+        values["flow samples"] = values["flow samples"].reshape(-1)
+        if has_data:
+            values = {"data": dist(data[:n_samples]).double().cpu().numpy().reshape(-1), **values}
+            for key, weight in (("w1_flow", None), ("w1_reweighted", repeated)):
+                value = wasserstein_1(values["data"], values["flow samples"], weight)
+                if value is not None:
+                    metrics[f"distribution/{dist_name}/{key}"] = value
+        values["reweighted samples"] = values["flow samples"]
+        if fig_dir is not None:
+            path = plots.plot_observable_histogram(
+                values, fig_dir / f"histogram_{dist_name}{suffix}.png", xlabel=dist_name.replace("_", " "),
+                weights={"reweighted samples": repeated}, clip_quantile=0.999,
+                title=f"{dist_name.replace('_', ' ')}, all pairs pooled",
+            )
+            figures[f"histogram_{dist_name}"] = str(path)
     if fig_dir is not None:
         path = plots.plot_energy_histograms(energies, fig_dir / f"energies{suffix}.png", weights=weights,
                                             title="reduced energies",

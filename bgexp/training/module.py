@@ -129,7 +129,8 @@ class BoltzmannGenerator(pl.LightningModule):
                 )
             forces = batch[1]
         loss, metrics = self.loss(self, x, step=self.global_step, forces=forces)
-        all_energies_bad = metrics.get("kl/nonfinite_energies", 0.0) >= self.loss.kl_batch_size
+        all_energies_bad = ("kl/nonfinite_energies" in metrics
+                            and metrics["kl/nonfinite_energies"] >= self.loss.kl_batch_size)
         if not torch.isfinite(loss) or all_energies_bad:
             self.consecutive_nonfinite += 1
             self.n_nonfinite_steps += 1

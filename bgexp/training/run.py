@@ -348,6 +348,10 @@ def final_evaluation(cfg: DictConfig, model: BoltzmannGenerator, data: torch.Ten
                      run_dir: Path, forces: torch.Tensor | None = None) -> Evaluation:
     """The final evaluation; `forces` (the reduced forces of `data`) add the force-matching error."""
     ev = cfg.evaluation
+    n_data = ev.get("final_n_data")  # held-out frames for the NLL and the histograms (None: all)
+    if data is not None and n_data is not None:
+        data = data[: int(n_data)]
+        forces = None if forces is None else forces[: int(n_data)]
     return evaluate(model, n_samples=ev.final_n_samples, batch_size=ev.batch_size,
                     n_bootstrap=ev.final_n_bootstrap, confidence=ev.confidence, data=data,
                     figure_dir=run_dir / "figures", forces=forces)
