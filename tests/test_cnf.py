@@ -145,24 +145,33 @@ def test_bad_settings_are_clear_errors():
 
 
 @pytest.mark.slow
-def test_dw4_ecnf_through_the_cli(tmp_path):
-    """A short maximum-likelihood run of the CNF on DW4 through bgexp-train with the offline W&B logger."""
+@pytest.mark.parametrize("loss,logged", [("nll", b"train/nll"), ("flow_matching_ot", b"train/flow_matching")])
+def test_dw4_ecnf_through_the_cli(tmp_path, loss, logged):
+    """A short run of the CNF on DW4 through bgexp-train with the offline W&B logger, trained by
+    maximum likelihood or by equivariant OT flow matching; the final evaluation reports the field
+    evaluations per sample and the pair-distance histogram."""
     import json
+    from pathlib import Path
 
     from helpers import run_cli
 
-    args = ["experiment=dw4_ecnf", "data.generate.n_chains=20", "data.generate.burn_in=500",
+    args = ["experiment=dw4_ecnf", f"loss={loss}", "data.generate.n_chains=20", "data.generate.burn_in=500",
             "data.generate.n_steps=2000", "data.generate.thin=20", "data.batch_size=128",
             "flow.transform.solver=rk4", "flow.transform.steps=4", "flow.transform.hidden=8",
             "flow.transform.n_layers=1", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
             "evaluation.n_samples=200", "evaluation.final_n_samples=300", "evaluation.n_bootstrap=10",
-            "evaluation.final_n_bootstrap=10"]
+            "evaluation.final_n_bootstrap=10", "evaluation.final_n_data=200", "trainer.log_every_n_steps=5"]
     proc = run_cli("bgexp-train", args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run_dir = next((tmp_path / "outputs" / "runs" / "dw4_ecnf").iterdir())
     results = json.loads((run_dir / "results.json").read_text())
     assert 0 < results["ess"] <= 1 and math.isfinite(results["nll_test"])
     assert results["training"]["steps"] > 0 and results["n_samples"] == 300
+    assert results["metrics"]["nfe_per_sample"] == 16
+    assert math.isfinite(results["metrics"]["distribution/pair_distance/w1_reweighted"])
+    assert Path(results["figures"]["histogram_pair_distance"]).is_file()
+    assert Path(results["files"]["wandb_run"]).name.startswith("offline-run-")
+    assert any(logged in p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/*.wandb"))
 
 
 @pytest.mark.parametrize("solver,options", [("rk4", {"steps": 6}), ("dopri5", {"atol": 1e-9, "rtol": 1e-9})])

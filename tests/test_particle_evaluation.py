@@ -1,0 +1,54 @@
+"""Evaluation of continuous flows on the particle systems: function evaluations per sample, the
+1-Wasserstein distances of energies and pooled pair distances from the data, their histograms."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import wasserstein_distance
+
+pytest.importorskip("torchdyn", reason="torchdyn is installed with `pip install --no-deps torchdyn==1.0.6`")
+
+from bgexp.flows.cnf import EquivariantCNF  # noqa: E402
+from bgexp.flows.priors import MeanFreeNormalPrior  # noqa: E402
+from bgexp.targets.particles import DoubleWell4  # noqa: E402
+from bgexp.training.evaluation import evaluate, wasserstein_1  # noqa: E402
+from bgexp.training.flow_matching import FlowMatchingLoss  # noqa: E402
+from bgexp.training.module import BoltzmannGenerator  # noqa: E402
+
+
+def test_wasserstein_1_of_a_shift_and_of_weights():
+    g = np.random.default_rng(0)
+    v = g.normal(size=500)
+    assert wasserstein_1(v, v + 0.3) == pytest.approx(0.3, abs=1e-12)
+    # weights that keep only the values equal to the reference give zero
+    assert wasserstein_1(np.zeros(3), np.array([0.0, 5.0]), np.array([1.0, 0.0])) == pytest.approx(0.0)
+    # non-finite values are left out, and nothing finite gives None
+    assert wasserstein_1(np.array([0.0, np.inf]), np.array([1.0, np.nan])) == pytest.approx(1.0)
+    assert wasserstein_1(np.array([np.nan]), np.array([1.0])) is None
+
+
+def test_evaluation_of_a_cnf_on_dw4_reports_nfe_and_distances(tmp_path):
+    torch.manual_seed(0)
+    target = DoubleWell4()
+    flow = EquivariantCNF(n_particles=4, spatial_dim=2, hidden=8, n_layers=1, solver="rk4", steps=3)
+    bg = BoltzmannGenerator(MeanFreeNormalPrior(4, 2), flow, target, FlowMatchingLoss(),
+                            optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
+    data = target.remove_com(3.0 * torch.randn(300, 8))
+    result = evaluate(bg, n_samples=400, batch_size=150, n_bootstrap=5, data=data, figure_dir=tmp_path)
+    m = result.metrics
+    assert m["nfe_per_sample"] == 12  # 3 steps x 4 stages of RK4, for every batch (also the last, smaller one)
+    assert m["sampling_s_per_1000"] > 0
+    u_data = target.energy(data).double().numpy()
+    assert m["energy_w1_flow"] == pytest.approx(wasserstein_distance(u_data, result.samples["energy"]), rel=1e-9)
+    d_data = target.pair_distances(data).double().numpy().reshape(-1)
+    d_flow = target.pair_distances(torch.as_tensor(result.samples["x"])).numpy().reshape(-1)
+    assert m["distribution/pair_distance/w1_flow"] == pytest.approx(wasserstein_distance(d_data, d_flow), rel=1e-6)
+    w = np.exp(result.samples["log_w"] - result.samples["log_w"].max())
+    expected = wasserstein_distance(d_data, d_flow, v_weights=np.repeat(w, 6))
+    assert m["distribution/pair_distance/w1_reweighted"] == pytest.approx(expected, rel=1e-6)
+    assert (tmp_path / "histogram_pair_distance.png").is_file()
+    assert result.figures["histogram_pair_distance"].endswith("histogram_pair_distance.png")
