@@ -17,19 +17,26 @@ import numpy as np
 
 
 def make_context(system_xml: str, platform: str, properties: dict[str, str]):
-    """(context, integrator, has_virtual_sites) for a serialized system on `platform`."""
+    """(context, integrator, virtual_sites) for a serialized system on `platform`; virtual_sites is
+    a boolean mask over the particles, or None when the system has none."""
     import openmm
 
     system = openmm.XmlSerializer.deserialize(system_xml)
     integrator = openmm.VerletIntegrator(0.001)
     plat = openmm.Platform.getPlatformByName(platform)
     context = openmm.Context(system, integrator, plat, dict(properties))
-    has_virtual_sites = any(system.isVirtualSite(i) for i in range(system.getNumParticles()))
-    return context, integrator, has_virtual_sites
+    mask = np.array([system.isVirtualSite(i) for i in range(system.getNumParticles())], dtype=bool)
+    return context, integrator, (mask if mask.any() else None)
 
 
-def evaluate_chunk(context, has_virtual_sites: bool, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Energies [n] (kJ/mol) and forces [n, N, 3] (kJ/mol/nm); NaN energy where OpenMM fails."""
+def evaluate_chunk(context, virtual_sites: np.ndarray | None, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Energies [n] (kJ/mol) and forces [n, N, 3] (kJ/mol/nm); NaN energy where OpenMM fails.
+
+    Virtual sites (e.g. the M site of TIP4P water) are recomputed from their parent atoms before
+    each evaluation, so the energy does not depend on the positions given for them: their forces
+    are returned as zero. (OpenMM reports a virtual site's own force in its slot *and* has already
+    added it onto the parent atoms; passing both on would count it twice in -dU/dx.)"""
+    has_virtual_sites = virtual_sites is not None
     n, n_atoms = positions.shape[0], positions.shape[1]
     energies = np.full(n, np.nan)
     forces = np.zeros((n, n_atoms, 3))
@@ -49,6 +56,8 @@ def evaluate_chunk(context, has_virtual_sites: bool, positions: np.ndarray) -> t
         if np.isfinite(e) and np.all(np.isfinite(f)):
             energies[k] = e
             forces[k] = f
+            if has_virtual_sites:
+                forces[k, virtual_sites] = 0.0
     return energies, forces
 
 
