@@ -214,3 +214,13 @@ def test_hutchinson_in_training_and_the_exact_divergence_in_evaluation():
     flow.train()
     assert not torch.allclose(flow.inverse(x)[1], exact.inverse(x)[1], atol=1e-6)  # a stochastic estimate
     assert flow.nfe == 16  # 4 steps x 4 stages of the classical RK4
+
+
+def test_chunked_exact_divergence_equals_the_whole_batch():
+    flow = make_flow("egnn")
+    chunked = make_flow("egnn", divergence_chunk=3)
+    x = samples(7)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    assert torch.allclose(flow.exact_divergence(t, x)[1], chunked.exact_divergence(t, x)[1], atol=1e-12)
+    with pytest.raises(ValueError, match="divergence_chunk"):
+        make_flow("egnn", divergence_chunk=0)

@@ -145,13 +145,14 @@ class AugmentedField(nn.Module):
         super().__init__()
         self.field = cnf.field
         self.noise = noise
+        self.chunk_size = cnf.divergence_chunk
 
     def exact(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         def single(xi: Tensor) -> tuple[Tensor, Tensor]:
             v = self.field(t, xi[None])[0]
             return v, v
 
-        jac, v = torch.func.vmap(torch.func.jacrev(single, has_aux=True))(x)
+        jac, v = torch.func.vmap(torch.func.jacrev(single, has_aux=True), chunk_size=self.chunk_size)(x)
         return v, jac.diagonal(dim1=-2, dim2=-1).sum(-1)
 
     def hutchinson(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,12 +180,16 @@ class EquivariantCNF(Flow):
     number of steps); "adjoint" solves the adjoint ODE backwards in time (Chen et al. 2018, through
     torchdyn's adjoint), with memory independent of the steps and gradients exact up to the
     solver tolerance.
+    divergence_chunk: samples per vectorised Jacobian in the exact divergence (None: the whole
+    batch at once); bounds the memory of the exact divergence, which grows as batch x (n d)^2 x
+    the field's pair features (LJ55 needs it).
     """
 
     def __init__(self, n_particles: int | None = None, spatial_dim: int = 3, field: str = "egnn", hidden: int = 64,
                  n_layers: int = 3, divergence: str = "exact", solver: str = "dopri5", atol: float = 1e-5,
                  rtol: float = 1e-5, steps: int = 20, max_nfe: int = 100_000, dim: int | None = None,
-                 eval_divergence: str | None = None, sensitivity: str = "autograd"):
+                 eval_divergence: str | None = None, sensitivity: str = "autograd",
+                 divergence_chunk: int | None = None):
         super().__init__()
         n_particles = _particle_count(n_particles, spatial_dim, dim)
         self.n_particles, self.spatial_dim = n_particles, int(spatial_dim)
@@ -200,6 +205,9 @@ class EquivariantCNF(Flow):
             self.field = PairwiseField(n_particles, spatial_dim, (hidden, hidden))
         else:
             raise ValueError(f"field must be 'egnn' or 'pairwise', got {field!r}")
+        if divergence_chunk is not None and int(divergence_chunk) < 1:
+            raise ValueError(f"divergence_chunk must be >= 1 or None, got {divergence_chunk}")
+        self.divergence_chunk = None if divergence_chunk is None else int(divergence_chunk)
         self.divergence = divergence
         self.eval_divergence = eval_divergence or divergence
         self.integrator = ODEIntegrator(solver, atol=atol, rtol=rtol, steps=steps, max_nfe=max_nfe,
