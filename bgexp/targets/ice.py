@@ -506,6 +506,16 @@ class IceTarget(OpenMMTarget):
         pos = rigid_to_atoms(com, q, self.water)
         return self.energy(pos.reshape(pos.shape[0], -1))
 
+    @classmethod
+    def from_config(cls, temperature_kelvin: float, phase: str = "11", rep: Sequence[int] = (1, 1, 1),
+                    structure_file: str | None = None, platform: str = "CPU", n_workers: int | None = None,
+                    threads_per_worker: int = 1) -> "IceTarget":
+        """The target from a structure file in the reference format (`structure_file`) or, without
+        one, built by genice2 (`phase`, `rep` unit cells per axis): what the Hydra configs call."""
+        structure = load_ice_json(structure_file) if structure_file else build_ice(phase, rep)
+        return cls(structure, temperature_kelvin, platform=platform, n_workers=n_workers,
+                   threads_per_worker=threads_per_worker)
+
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
         meta.update({"n_molecules": self.n_molecules, "box_nm": self.structure.box.tolist(), "cutoff_nm": self.cutoff,
