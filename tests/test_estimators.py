@@ -403,3 +403,19 @@ def test_quadrature_kl_of_two_von_mises_densities_is_analytic():
     assert quadrature_kl(log_p, log_p, 2 * np.pi / n) == pytest.approx(0.0, abs=1e-14)
     with pytest.raises(ValueError, match="differ in size"):
         quadrature_kl(log_p, log_q[:-1], 1.0)
+
+
+def test_bootstrap_independent_resamples_each_sample_at_its_own_size():
+    """The difference of the means of two independent samples of different sizes: the bootstrap std
+    must match sqrt(s_a^2 / n_a + s_b^2 / n_b) (not a paired resampling, which needs equal sizes)."""
+    from bgexp.estimators import bootstrap_independent
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.0, 1.0, 400), rng.normal(1.0, 3.0, 900)
+    result = bootstrap_independent(lambda x, y: y.mean() - x.mean(), a, b, n_boot=2000, seed=1)
+    expected = np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
+    assert result.value == pytest.approx(b.mean() - a.mean())
+    assert result.std == pytest.approx(expected, rel=0.08)
+    assert result.ci_low < result.value < result.ci_high
+    with pytest.raises(ValueError, match="empty"):
+        bootstrap_independent(np.mean, np.array([]))

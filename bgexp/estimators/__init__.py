@@ -6,7 +6,7 @@ be numpy arrays or torch tensors; outputs are Python floats or numpy arrays.  Th
 neither Lightning, Hydra, ``bgexp.flows`` nor ``bgexp.targets``.
 """
 
-from bgexp.estimators.bootstrap import BootstrapResult, bootstrap
+from bgexp.estimators.bootstrap import BootstrapResult, bootstrap, bootstrap_independent
 from bgexp.estimators.free_energy import bar, fep, free_energy_difference, mbar
 from bgexp.estimators.profiles import (
     align_profiles,
@@ -28,6 +28,7 @@ __all__ = [
     "mbar",
     "BootstrapResult",
     "bootstrap",
+    "bootstrap_independent",
     "free_energy_profile",
     "align_profiles",
     "weighted_histogram2d",

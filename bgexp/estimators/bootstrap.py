@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["BootstrapResult", "bootstrap"]
+__all__ = ["BootstrapResult", "bootstrap", "bootstrap_independent"]
 
 
 @dataclass
@@ -71,10 +71,7 @@ def bootstrap(
     """
     if not arrays:
         raise ValueError("bootstrap needs at least one array to resample")
-    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence!r}")
+    _check_settings(n_boot, confidence)
     data = [_to_numpy(a) for a in arrays]
     for i, a in enumerate(data):
         if a.ndim == 0:
@@ -95,6 +92,48 @@ def bootstrap(
             reps[b] = float(statistic(*(a[idx] for a in data)))
         except (ValueError, FloatingPointError, ZeroDivisionError):
             reps[b] = np.nan
+    return _summarize(value, reps, confidence)
+
+
+def _check_settings(n_boot: Any, confidence: float) -> None:
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence!r}")
+
+
+def bootstrap_independent(
+    statistic: Callable[..., float],
+    *samples: Any,
+    n_boot: int = 200,
+    confidence: float = 0.95,
+    seed: int | None = None,
+) -> BootstrapResult:
+    """Bootstrap of ``statistic(*samples)`` over independent samples of different sizes: each
+    replica resamples every sample on its own, with replacement and at its own size (e.g. the
+    forward and reverse works of BAR, which come from two different simulations). CI, std and
+    non-finite handling as in `bootstrap`."""
+    if not samples:
+        raise ValueError("bootstrap_independent needs at least one sample")
+    _check_settings(n_boot, confidence)
+    data = [_to_numpy(a) for a in samples]
+    for i, a in enumerate(data):
+        if a.ndim == 0 or len(a) == 0:
+            raise ValueError(f"sample {i} is empty or a scalar; bootstrap resamples along axis 0")
+    value = float(statistic(*data))
+    rng = np.random.default_rng(seed)
+    reps = np.empty(int(n_boot), dtype=np.float64)
+    for b in range(int(n_boot)):
+        try:
+            reps[b] = float(statistic(*(a[rng.integers(0, len(a), size=len(a))] for a in data)))
+        except (ValueError, FloatingPointError, ZeroDivisionError):
+            reps[b] = np.nan
+    return _summarize(value, reps, confidence)
+
+
+def _summarize(value: float, reps: np.ndarray, confidence: float) -> BootstrapResult:
+    """The percentile interval and std of the finite replicas around `value` (see `bootstrap`)."""
+    n_boot = reps.size
     finite = reps[np.isfinite(reps)]
     n_nonfinite = int(reps.size - finite.size)
 

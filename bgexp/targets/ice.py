@@ -506,6 +506,32 @@ class IceTarget(OpenMMTarget):
         pos = rigid_to_atoms(com, q, self.water)
         return self.energy(pos.reshape(pos.shape[0], -1))
 
+    # flattened rigid-body coordinates x [B, 7 n]: per molecule (com_x, com_y, com_z, q_w, q_x, q_y, q_z)
+    def to_rigid(self, positions: Tensor) -> Tensor:
+        """Flattened rigid-body coordinates [B, 7 n] of site positions [B, 12 n] or [B, n, 4, 3] (nm):
+        molecules made whole, com wrapped into the box, canonical q (w >= 0)."""
+        positions = torch.as_tensor(positions)
+        pos = positions.reshape(positions.shape[0], self.n_molecules, 4, 3)
+        com, q = atoms_to_rigid(pos, box=self.box.to(pos), wrap=True, water=self.water)
+        return torch.cat([com, q], -1).reshape(pos.shape[0], self.rigid_dim)
+
+    def split_rigid(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(com [B, n, 3], q [B, n, 4]) of flattened rigid-body coordinates x [B, 7 n]."""
+        if x.dim() != 2 or x.shape[-1] != self.rigid_dim:
+            raise ValueError(f"{type(self).__name__} expects rigid-body coordinates of shape [batch, {self.rigid_dim}] "
+                             f"(7 per molecule: com, quaternion), got {tuple(x.shape)}")
+        xr = x.reshape(x.shape[0], self.n_molecules, 7)
+        return xr[..., :3], xr[..., 3:]
+
+    def from_rigid(self, x: Tensor) -> Tensor:
+        """Site positions [B, 12 n] (nm) of flattened rigid-body coordinates [B, 7 n]."""
+        com, q = self.split_rigid(x)
+        return rigid_to_atoms(com, q, self.water).reshape(x.shape[0], -1)
+
+    def rigid_energy(self, x: Tensor) -> Tensor:
+        """Reduced energy [B] of flattened rigid-body coordinates [B, 7 n]; differentiable."""
+        return self.energy(self.from_rigid(x))
+
     @classmethod
     def from_config(cls, temperature_kelvin: float, phase: str = "11", rep: Sequence[int] = (1, 1, 1),
                     structure_file: str | None = None, platform: str = "CPU", n_workers: int | None = None,
