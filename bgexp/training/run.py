@@ -376,6 +376,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train(cfg: DictConfig, target, run_dir: Path, start: float) -> dict[str, Any]:
+    if cfg.get("tfep"):  # targeted free-energy perturbation between two states (bgexp/training/tfep_run.py)
+        return _train_tfep(cfg, target, run_dir, start)
     datamodule = build_datamodule(cfg, target)
     datamodule.setup()
     model = build_model(cfg, target, data=datamodule.x_train)
@@ -408,6 +410,22 @@ def _train(cfg: DictConfig, target, run_dir: Path, start: float) -> dict[str, An
         return results
     finally:
         if is_wandb:  # one W&B run per job, closed even when training fails
+            import wandb
+
+            wandb.finish(exit_code=exit_code)
+
+
+def _train_tfep(cfg: DictConfig, target, run_dir: Path, start: float) -> dict[str, Any]:
+    from bgexp.training.tfep_run import run_tfep
+
+    logger = build_logger(cfg, run_dir)
+    exit_code = 1
+    try:
+        results = run_tfep(cfg, target, run_dir, start, logger)
+        exit_code = 0
+        return results
+    finally:
+        if isinstance(logger, WandbLogger):
             import wandb
 
             wandb.finish(exit_code=exit_code)
