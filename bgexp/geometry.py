@@ -114,3 +114,10 @@ def wrap_angle(x: Tensor) -> Tensor:
     y = torch.where(y >= math.pi, y - 2 * math.pi, y)
     return torch.where((x >= -math.pi) & (x < math.pi), x, y)
 
+
+def wrap_into_box(x: Tensor, box: Tensor) -> Tensor:
+    """Periodic coordinates x - L floor(x / L) in [0, L) per axis of an orthorhombic box (derivative 1;
+    a value that rounds onto L becomes 0). `box` broadcasts against x (edge lengths on the last axis)."""
+    wrapped = torch.remainder(x, box)
+    return torch.where(wrapped >= box, wrapped - box, wrapped)
+

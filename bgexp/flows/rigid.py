@@ -105,6 +105,7 @@ from torch import Tensor, nn
 
 from bgexp.flows.base import Flow, SequentialFlow
 from bgexp.flows.torus import CircularMixtureParams, smooth_circular_forward, smooth_circular_inverse
+from bgexp.geometry import wrap_into_box
 from bgexp.quaternions import conjugate, multiply, normalize, tangent_basis, to_matrix
 
 _TRIL = torch.tril_indices(4, 4)  # [2, 10], row by row
@@ -449,12 +450,6 @@ def _parse_axis(axis) -> int:
     if a not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1, 2 or 'x', 'y', 'z', got {axis!r}")
     return int(a)
-
-
-def wrap_into_box(c: Tensor, box: Tensor) -> Tensor:
-    """c - L floor(c / L) in [0, L) per axis (derivative 1; a value that rounds onto L becomes 0)."""
-    wrapped = torch.remainder(c, box)
-    return torch.where(wrapped >= box, wrapped - box, wrapped)
 
 
 def _periodic_features(c: Tensor, box: Tensor) -> Tensor:

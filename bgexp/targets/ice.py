@@ -105,7 +105,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bgexp.geometry import optimal_rotation
+from bgexp.geometry import optimal_rotation, wrap_into_box
 from bgexp.quaternions import from_matrix, to_matrix
 from bgexp.targets.openmm import OpenMMTarget, openmm_energy
 
@@ -408,12 +408,6 @@ def _as_box(box, like: Tensor) -> Tensor:
     if b.shape != (3,) or not bool((b > 0).all()):
         raise ValueError(f"box must be 3 positive edge lengths (nm), got {b.tolist() if b.numel() <= 9 else b.shape}")
     return b
-
-
-def wrap_into_box(x: Tensor, box: Tensor) -> Tensor:
-    """x mod L per axis into [0, L) (a value that rounds onto L becomes 0)."""
-    y = x - torch.floor(x / box) * box
-    return torch.where(y >= box, y - box, y)
 
 
 def rigid_to_atoms(com: Tensor, q: Tensor, water: RigidWater = TIP4PEW) -> Tensor:
