@@ -522,6 +522,21 @@ class IceTarget(OpenMMTarget):
         com, q = self.split_rigid(x)
         return rigid_to_atoms(com, q, self.water).reshape(x.shape[0], -1)
 
+    def random_translation(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Every configuration of x [B, 7 n] (rigid-body coordinates) shifted as a whole by its own
+        uniform random vector in the box (coms wrapped back into the box).
+
+        The energy is invariant under a global translation, so the Boltzmann density is uniform in
+        the crystal's overall position; Langevin MD with OpenMM's centre-of-mass motion remover never
+        moves it. Shifting MD frames by independent uniform vectors turns samples of the density
+        conditioned on one overall position into samples of the full density (what free-energy
+        estimators that map or reweight configurations assume)."""
+        com, q = self.split_rigid(x)
+        shift = torch.rand(x.shape[0], 1, 3, generator=generator, dtype=torch.float64)
+        shift = (shift * self.box).to(device=x.device, dtype=x.dtype)
+        com = wrap_into_box(com + shift, self.box.to(device=x.device, dtype=x.dtype))
+        return torch.cat([com, q], -1).reshape(x.shape)
+
     def rigid_energy(self, x: Tensor) -> Tensor:
         """Reduced energy [B] of flattened rigid-body coordinates [B, 7 n]; differentiable."""
         return self.energy(self.from_rigid(x))

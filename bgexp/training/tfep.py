@@ -22,6 +22,15 @@ works are the plain ones, W_F = u_B(x) - u_A(x) = U(x) (1/kT_B - 1/kT_A), the FE
 Samples of A come from MD (their energies U are stored, so u_A costs nothing); every u_B(F(x))
 and u_A(F^-1(y)) is one energy evaluation of the target and is counted.
 
+Global translations (`random_translations`): when u is invariant under translating the whole
+system (a crystal in a periodic box) but the MD keeps the centre of mass fixed (OpenMM's
+CMMotionRemover), the frames sample the density conditioned on one overall position. A map that
+is not translation-equivariant then learns, on that slice, to contract the overall position too
+(around the lattice, by sqrt(T_B / T_A) per axis like every other displacement), and LFEP and
+LBAR on the slice are biased by that spurious log-det, about (3/2) ln(T_A / T_B): measured +1.5
+and +1.4 kT for ice at 250 -> 100 K. Shifting every frame (in training and in evaluation) by an
+independent uniform vector in the box gives exact samples of the full density and removes the bias.
+
 Coordinates: the flow's. The target supplies `rigid_energy(x)` (rigid-body targets: reduced energy
 at T_B of flattened rigid-body coordinates) or else `energy(x)`, `to_rigid(positions)` when MD
 frames must be converted, and `kbt` (k_B T_B in kJ/mol).
@@ -55,8 +64,13 @@ class TargetedFEP(pl.LightningModule):
 
     def __init__(self, flow: torch.nn.Module, target, temperature_a: float,
                  optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable[..., Any] | None = None,
-                 max_consecutive_nonfinite: int = 50):
+                 max_consecutive_nonfinite: int = 50, random_translations: bool = False, seed: int = 0):
         super().__init__()
+        if random_translations and not hasattr(target, "random_translation"):
+            raise ValueError(f"random_translations needs a target with random_translation(x, generator); "
+                             f"{type(target).__name__} has none")
+        self.random_translations = bool(random_translations)
+        self.translation_generator = torch.Generator().manual_seed(int(seed))
         if not temperature_a > 0:
             raise ValueError(f"temperature_a must be positive (kelvin), got {temperature_a}")
         self.flow, self.target = flow, target
@@ -68,6 +82,13 @@ class TargetedFEP(pl.LightningModule):
         self.consecutive_nonfinite = 0
         self.n_energy_evals_train = 0
         self.n_energy_evals_eval = 0
+
+    def shifted(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x with every configuration translated as a whole by a uniform random vector, when
+        `random_translations` is on (see the module docstring); else x."""
+        if not self.random_translations:
+            return x
+        return self.target.random_translation(x, generator or self.translation_generator)
 
     # works -------------------------------------------------------------------------------------
     def energy_b(self, x: Tensor) -> Tensor:
@@ -93,7 +114,7 @@ class TargetedFEP(pl.LightningModule):
     # Lightning hooks ---------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int):
         x_a, potential_a = batch
-        work, _ = self.forward_work(x_a, potential_a)
+        work, _ = self.forward_work(self.shifted(x_a), potential_a)
         loss = work.mean()
         if not torch.isfinite(loss):
             self.consecutive_nonfinite += 1
@@ -111,7 +132,8 @@ class TargetedFEP(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int):
         x_a, potential_a = batch
-        work, _ = self.forward_work(x_a, potential_a)
+        generator = torch.Generator().manual_seed(batch_idx)  # the same shifts in every validation
+        work, _ = self.forward_work(self.shifted(x_a, generator), potential_a)
         self.log("val/work", work.mean(), prog_bar=True)
         finite = work[torch.isfinite(work)].double().cpu().numpy()
         if finite.size:
@@ -232,7 +254,9 @@ def evaluate_tfep(module: TargetedFEP, state_a: StateSamples, state_b: StateSamp
     module.eval()
     device = module.device
     dtype = next((p.dtype for p in module.flow.parameters()), torch.get_default_dtype())  # the flow's precision
-    w_f = _in_batches(module.forward_work, state_a.x.to(dtype), state_a.potential, batch_size, device)
+    generator = torch.Generator().manual_seed(seed)
+    x_a = module.shifted(state_a.x.to(dtype), generator)
+    w_f = _in_batches(module.forward_work, x_a, state_a.potential, batch_size, device)
     beta_difference = 1.0 / module.kbt_b - 1.0 / module.kbt_a
     plain_f = state_a.potential.double().numpy() * beta_difference
     results: dict[str, Any] = {
@@ -246,7 +270,8 @@ def evaluate_tfep(module: TargetedFEP, state_a: StateSamples, state_b: StateSamp
                       "fep": _estimate("FEP", (plain_f,), n_boot, seed)},
     }
     if state_b is not None:
-        w_r = _in_batches(module.reverse_work, state_b.x.to(dtype), state_b.potential, batch_size, device)
+        x_b = module.shifted(state_b.x.to(dtype), generator)
+        w_r = _in_batches(module.reverse_work, x_b, state_b.potential, batch_size, device)
         plain_r = -state_b.potential.double().numpy() * beta_difference
         results["n_samples_b"] = int(state_b.x.shape[0])
         results["work_reverse"] = {"mean": float(np.mean(w_r[np.isfinite(w_r)])),

@@ -52,7 +52,8 @@ def build_tfep(cfg: DictConfig, target) -> tuple[TargetedFEP, StatePairData]:
     flow = instantiate(cfg.flow.transform, **extra)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = TargetedFEP(flow, target, float(node.temperature_a), optimizer=instantiate(cfg.optim),
-                         scheduler=scheduler)
+                         scheduler=scheduler, random_translations=bool(node.get("random_translations", False)),
+                         seed=int(cfg.seed))
     data = StatePairData(state_a, state_b, val_fraction=float(node.val_fraction), batch_size=int(node.batch_size),
                          seed=int(cfg.seed))
     return module, data
