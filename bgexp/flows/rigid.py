@@ -481,16 +481,24 @@ def split_configuration(owner, x: Tensor, name: str) -> tuple[Tensor, Tensor]:
     return wrap_into_box(c, owner.box.to(x.dtype)), q
 
 
-class _RigidBodyLayer(Flow):
+class _RigidBodyLayer(Flow):  # noqa: D101 - see RigidBodyFlow
     """Shared plumbing: configurations x [B, 7N] as centres c [B, N, 3] and quaternions q [B, N, 4]."""
 
-    def __init__(self, n_molecules: int, box):
+    def __init__(self, n_molecules: int, box, anchor: bool = False):
         super().__init__()
         if int(n_molecules) != n_molecules or n_molecules < 1:
             raise ValueError(f"n_molecules must be an integer >= 1, got {n_molecules}")
         self.n_molecules = int(n_molecules)
         self.dim = MOLECULE_FEATURES * self.n_molecules
         self.register_buffer("box", _as_box(box))
+        self.anchor = bool(anchor)
+
+    def relative(self, c: Tensor) -> Tensor:
+        """Centres as the conditioners see them: relative to molecule 0 (wrapped) with an anchor,
+        else as they are."""
+        if not self.anchor:
+            return c
+        return wrap_into_box(c - c[:, :1], self.box.to(c.dtype))
 
     def split(self, x: Tensor, name: str) -> tuple[Tensor, Tensor]:
         return split_configuration(self, x, name)
@@ -520,14 +528,14 @@ class RotationCoupling(_RigidBodyLayer):
     head) gives |Phi_i(q) - q| <= 2 K init_weight (= 4e-3 for K = 2).
     """
 
-    def __init__(self, n_molecules: int, box, n_components: int = 2, **transformer_kwargs):
-        super().__init__(n_molecules, box)
+    def __init__(self, n_molecules: int, box, n_components: int = 2, anchor: bool = False, **transformer_kwargs):
+        super().__init__(n_molecules, box, anchor)
         self.rotation = ConvexRotation(n_components)
         self.conditioner = MoleculeTransformer(6, self.rotation.n_params, **transformer_kwargs)
 
     def _transform(self, x: Tensor, closed_form: bool, name: str) -> tuple[Tensor, Tensor]:
         c, q = self.split(x, name)
-        features = _periodic_features(c, self.box.to(x.dtype))
+        features = _periodic_features(self.relative(c), self.box.to(x.dtype))
         theta = self.conditioner(self._conditioner_input(features)).to(x.dtype)
         q_out, logdet = (self.rotation.forward if closed_form else self.rotation.inverse)(q, theta)
         return self.join(c, q_out), logdet.sum(-1)
@@ -570,8 +578,8 @@ class TranslationCoupling(_RigidBodyLayer):
     """
 
     def __init__(self, n_molecules: int, box, axis, n_components: int = 4, min_slope: float = 0.05,
-                 init_floor: float = 0.9, **transformer_kwargs):
-        super().__init__(n_molecules, box)
+                 init_floor: float = 0.9, anchor: bool = False, **transformer_kwargs):
+        super().__init__(n_molecules, box, anchor)
         self.axis = _parse_axis(axis)
         self.others = [b for b in range(3) if b != self.axis]
         if int(n_components) != n_components or n_components < 1:
@@ -595,15 +603,19 @@ class TranslationCoupling(_RigidBodyLayer):
     def _transform(self, x: Tensor, closed_form: bool, name: str) -> tuple[Tensor, Tensor]:
         c, q = self.split(x, name)
         box = self.box.to(x.dtype)
+        rel = self.relative(c)
         rotation = to_matrix(q).flatten(-2)  # [B, N, 9], even in q
-        features = torch.cat([_periodic_features(c[..., self.others], box[self.others]), rotation], dim=-1)
+        features = torch.cat([_periodic_features(rel[..., self.others], box[self.others]), rotation], dim=-1)
         raw = self.conditioner(self._conditioner_input(features)).to(x.dtype) + self.raw_offset.to(x.dtype)
         params = CircularMixtureParams.from_raw(raw, self.n_components, self.min_slope)
-        length = box[self.axis]
-        theta = (2.0 * math.pi) * c[..., self.axis] / length - math.pi
+        length, a = box[self.axis], self.axis
+        theta = (2.0 * math.pi) * rel[..., a] / length - math.pi
         theta_out, logdet = (smooth_circular_forward if closed_form else smooth_circular_inverse)(theta, params)
-        c_axis = wrap_into_box(length / (2.0 * math.pi) * (theta_out + math.pi), length)
-        a = self.axis
+        moved = length / (2.0 * math.pi) * (theta_out + math.pi)
+        if self.anchor:  # molecule 0 stays; the others move relative to it
+            moved = torch.cat([rel[:, :1, a], moved[:, 1:]], dim=1) + c[:, :1, a]
+            logdet = logdet[:, 1:]
+        c_axis = wrap_into_box(moved, length)
         c_out = torch.cat([c[..., :a], c_axis[..., None], c[..., a + 1:]], dim=-1)
         return self.join(c_out, q), logdet.sum(-1)
 
@@ -629,17 +641,27 @@ class RigidBodyFlow(SequentialFlow):
     and parameters (use it to map samples of one thermodynamic state onto another, targeted FEP).
     `inverse` (x -> z) uses root finding in every layer (exact first derivatives; for evaluation).
     Inputs: c anywhere (wrapped), | |q| - 1 | <= 1e-3; outputs: c in [0, L), q unit (to rounding).
+
+    `anchor=True` makes the flow equivariant under translating the whole system, F(x + t) = F(x) + t
+    (with the log-det invariant): the conditioners see centres relative to molecule 0, the
+    translation couplings move every other molecule relative to molecule 0, and molecule 0's centre
+    is never changed (each layer stays triangular; permutation equivariance then holds among
+    molecules 1..N-1). Needed when the energy is translation invariant and the samples fix the
+    overall position (MD with the centre-of-mass motion removed): a map that is not equivariant
+    learns to move the overall position on that slice, and estimators from the slice are biased
+    (bgexp/training/tfep.py).
     """
 
     def __init__(self, n_molecules: int, box, n_blocks: int = 2, n_components_rotation: int = 2,
-                 n_components_translation: int = 4, hidden: int = 64, n_heads: int = 4, n_layers: int = 2):
+                 n_components_translation: int = 4, hidden: int = 64, n_heads: int = 4, n_layers: int = 2,
+                 anchor: bool = False):
         if int(n_blocks) != n_blocks or n_blocks < 1:
             raise ValueError(f"n_blocks must be an integer >= 1, got {n_blocks}")
         kwargs = dict(hidden=hidden, n_heads=n_heads, n_layers=n_layers)
         layers: list[Flow] = []
         for _ in range(int(n_blocks)):
-            layers.append(RotationCoupling(n_molecules, box, n_components_rotation, **kwargs))
-            layers += [TranslationCoupling(n_molecules, box, axis, n_components_translation, **kwargs)
+            layers.append(RotationCoupling(n_molecules, box, n_components_rotation, anchor=anchor, **kwargs))
+            layers += [TranslationCoupling(n_molecules, box, axis, n_components_translation, anchor=anchor, **kwargs)
                        for axis in range(3)]
         super().__init__(layers)
         self.n_molecules = int(n_molecules)
