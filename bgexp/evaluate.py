@@ -30,7 +30,8 @@ def main(cfg: DictConfig) -> None:
     datamodule.setup()
     evaluation = evaluate(model, n_samples=cfg.n_samples, batch_size=cfg.batch_size,
                           n_bootstrap=cfg.n_bootstrap, confidence=cfg.confidence,
-                          data=datamodule.x_val, figure_dir=out_dir / "figures")
+                          data=datamodule.x_val if cfg.get("n_data") is None else datamodule.x_val[: int(cfg.n_data)],
+                          figure_dir=out_dir / "figures")
     path = write_results(out_dir, run_cfg, model, evaluation, wall_s=time.time() - start,
                          extra={"files": {"checkpoint": str(ckpt), "data": datamodule.source},
                                 "evaluated_from": str(cfg.run_dir)})

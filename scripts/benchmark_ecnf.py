@@ -105,6 +105,13 @@ def main(argv: list[str] | None = None) -> dict:
             variants[name] = {"label": label, **summarize(results, results_path, wall)}
         except SystemExit as err:  # a diverged or failed run is a result, not the end of the benchmark
             variants[name] = {"label": label, "failed": str(err)}
+        variants[name]["evaluation"] = {"samples": args.samples, "data": args.data, "budget_min": minutes,
+                                        "command": report["command"]}
+        # re-read before writing: another invocation may have added variants meanwhile
+        current = json.loads(report_path.read_text()) if report_path.is_file() else report
+        current.setdefault("variants", {})[name] = variants[name]
+        report = {**current, **{k: v for k, v in report.items() if k != "variants"}, "variants": current["variants"]}
+        variants = report["variants"]
         report_path.write_text(json.dumps(report, indent=2))
     write_markdown(report, out_dir / f"ecnf_{args.system}.md", GOALS[args.system])
     return report
