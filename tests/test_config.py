@@ -35,6 +35,14 @@ def test_every_experiment_builds(experiment, tmp_path):
     cfg = compose_cfg([f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
     target = build_target(cfg)
     try:
+        if cfg.get("tfep"):  # targeted FEP: a flow between two states in the target's rigid-body coordinates
+            from bgexp.training.tfep_run import build_tfep_flow
+
+            flow = build_tfep_flow(cfg, target)
+            x = target.to_rigid(torch.as_tensor(target.positions).reshape(1, -1)).float().repeat(4, 1)
+            y, logdet = flow(x)
+            assert y.shape == x.shape and torch.isfinite(y).all() and torch.isfinite(logdet).all()
+            return
         data = target.positions.reshape(1, -1) if hasattr(target, "positions") else None
         data = torch.randn(32, target.dim) if data is None else \
             torch.as_tensor(data, dtype=torch.float32) + 0.01 * torch.randn(64, target.dim)

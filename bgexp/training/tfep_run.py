@@ -46,10 +46,7 @@ def build_tfep(cfg: DictConfig, target) -> tuple[TargetedFEP, StatePairData]:
     if node.get("data_b") and node.data_b.get("path"):
         state_b = load_state(target, node.data_b.path, md=_container(node.data_b.get("md")),
                              max_frames=node.data_b.get("max_frames"))
-    extra = {}
-    if hasattr(target, "n_molecules"):
-        extra = {"n_molecules": target.n_molecules, "box": [float(v) for v in target.box]}
-    flow = instantiate(cfg.flow.transform, **extra)
+    flow = build_tfep_flow(cfg, target)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = TargetedFEP(flow, target, float(node.temperature_a), optimizer=instantiate(cfg.optim),
                          scheduler=scheduler, random_translations=bool(node.get("random_translations", False)),
@@ -57,6 +54,14 @@ def build_tfep(cfg: DictConfig, target) -> tuple[TargetedFEP, StatePairData]:
     data = StatePairData(state_a, state_b, val_fraction=float(node.val_fraction), batch_size=int(node.batch_size),
                          seed=int(cfg.seed))
     return module, data
+
+
+def build_tfep_flow(cfg: DictConfig, target):
+    """The flow of a targeted-FEP experiment; rigid-body targets give the molecule count and the box."""
+    extra = {}
+    if hasattr(target, "n_molecules"):
+        extra = {"n_molecules": target.n_molecules, "box": [float(v) for v in target.box]}
+    return instantiate(cfg.flow.transform, **extra)
 
 
 def _container(node):
@@ -151,4 +156,4 @@ def print_tfep_summary(path: Path, results: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
-__all__ = ["run_tfep", "build_tfep", "reference_for"]
+__all__ = ["run_tfep", "build_tfep", "build_tfep_flow", "reference_for"]
