@@ -51,6 +51,12 @@ if TYPE_CHECKING:  # pragma: no cover
 ALIGNMENTS = ("none", "rotation", "permutation", "equivariant")
 
 
+def _mean_free(x: Tensor, n: int, d: int) -> Tensor:
+    """Flattened configurations [B, n d] with each centre of mass removed."""
+    xyz = x.reshape(x.shape[0], n, d)
+    return (xyz - xyz.mean(1, keepdim=True)).reshape(x.shape)
+
+
 def match_batch(x0: Tensor, x1: Tensor) -> Tensor:
     """The permutation pi of the batch minimising sum_a |x0_a - x1_pi(a)|^2 (minibatch OT); returns x1[pi]."""
     cost = torch.cdist(x0.detach().double().cpu(), x1.detach().double().cpu()) ** 2
@@ -160,8 +166,7 @@ class FlowMatchingLoss:
         x0 = bg.prior.sample(x1.shape[0], generator=bg.latent_generator).to(x1)
         n, d = self._particles(bg)
         if n is not None:  # the data live on the mean-free subspace, like the prior
-            xyz = x1.reshape(x1.shape[0], n, d)
-            x1 = (xyz - xyz.mean(1, keepdim=True)).reshape(x1.shape)
+            x1 = _mean_free(x1, n, d)
         if self.batch_ot:
             x1 = match_batch(x0, x1)
         if self.alignment != "none":
@@ -175,8 +180,7 @@ class FlowMatchingLoss:
         eps = torch.randn(like.shape, generator=bg.latent_generator, device=like.device, dtype=like.dtype)
         n, d = self._particles(bg)
         if n is not None:
-            xyz = eps.reshape(eps.shape[0], n, d)
-            eps = (xyz - xyz.mean(1, keepdim=True)).reshape(like.shape)
+            eps = _mean_free(eps, n, d)
         return eps
 
     def __call__(self, bg: "BoltzmannGenerator", x: Tensor | None, step: int,

@@ -337,7 +337,12 @@ def write_results(run_dir: Path, cfg: DictConfig, model: BoltzmannGenerator, eva
         "figures": evaluation.figures,
     }
     results.update(extra or {})
-    path = run_dir / name
+    return write_json_atomic(run_dir / name, results)
+
+
+def write_json_atomic(path: Path, results: dict[str, Any]) -> Path:
+    """`results` as JSON (non-finite floats as null) written to a temporary file and renamed, so a
+    reader never sees a half-written file."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(_json_safe(results), indent=2))
     tmp.replace(path)

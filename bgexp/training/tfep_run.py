@@ -115,12 +115,9 @@ def run_tfep(cfg: DictConfig, target, run_dir: Path, start: float, logger) -> di
         logger.log_metrics(scalars, step=trainer.global_step)
         log_figures(trainer, {f"final_{k}": v for k, v in figures.items()}, trainer.global_step)
         results["files"]["wandb_run"] = str(Path(logger.experiment.dir).parent)
-    from bgexp.training.run import _json_safe
+    from bgexp.training.run import write_json_atomic
 
-    path = run_dir / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_json_safe(results), indent=2))
-    tmp.replace(path)
+    path = write_json_atomic(run_dir / "results.json", results)
     print_tfep_summary(path, results)
     return json.loads(path.read_text())
 
