@@ -1,6 +1,8 @@
 """`bgexp-eval run_dir=<run folder>`: re-evaluate a checkpoint into a new results.json.
 
 Writes <run_dir>/eval/<stamp>/results.json and figures; the run's own config rebuilds the model.
+Targeted-FEP runs (configs with `tfep`) are re-evaluated by LFEP/LBAR on the run's own held-out
+frames (n_samples does not apply; n_bootstrap and seed do).
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ def main(cfg: DictConfig) -> None:
 
     start = time.time()
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if is_tfep_run(cfg.run_dir):  # targeted FEP: LFEP/LBAR of the trained map (bgexp/training/tfep_run.py)
+        from bgexp.training.tfep_run import evaluate_tfep_run
+
+        evaluate_tfep_run(cfg.run_dir, out_dir, checkpoint=cfg.checkpoint, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+        return
     run_cfg, model, ckpt = load_run(cfg.run_dir, cfg.checkpoint)
     model.seed = int(cfg.seed)
     datamodule = build_datamodule(run_cfg, model.target)
@@ -38,6 +45,16 @@ def main(cfg: DictConfig) -> None:
     import json
 
     print_summary(path, json.loads(path.read_text()), None)
+
+
+def is_tfep_run(run_dir: str) -> bool:
+    """Whether the run folder holds a targeted-FEP experiment (its resolved config has `tfep`)."""
+    from omegaconf import OmegaConf
+
+    from bgexp.training.resume import RESOLVED_CONFIG
+
+    path = Path(run_dir) / RESOLVED_CONFIG
+    return path.is_file() and bool(OmegaConf.load(path).get("tfep"))
 
 
 if __name__ == "__main__":

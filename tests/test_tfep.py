@@ -55,6 +55,20 @@ def samples(temperature: float, n: int, seed: int) -> StateSamples:
     return StateSamples(x=x, potential=Harmonic(temperature).potential(x), source=f"exact {temperature} K")
 
 
+def correlated_samples(temperature: float, n: int, seed: int, phi: float) -> StateSamples:
+    """A stationary AR(1) chain with the exact marginal: x_t = phi x_{t-1} + sqrt(1 - phi^2) sigma eps_t,
+    like MD frames saved more often than they decorrelate; the works ~ |x|^2 then have
+    g = (1 + phi^2) / (1 - phi^2)."""
+    g = torch.Generator().manual_seed(seed)
+    sigma = math.sqrt(kbt_kj_per_mol(temperature) / K_SPRING)
+    noise = torch.randn(n, DIM, generator=g, dtype=torch.float64) * sigma
+    x = torch.empty_like(noise)
+    x[0] = noise[0]
+    for t in range(1, n):
+        x[t] = phi * x[t - 1] + math.sqrt(1 - phi**2) * noise[t]
+    return StateSamples(x=x, potential=Harmonic(temperature).potential(x), source=f"AR(1) {temperature} K")
+
+
 def module(log_scale: float = 0.0) -> TargetedFEP:
     return TargetedFEP(Scale(log_scale), Harmonic(T_B), T_A, optimizer=functools.partial(torch.optim.Adam, lr=0.05))
 
@@ -91,6 +105,30 @@ def test_training_the_map_by_the_mean_work_finds_the_exact_scale():
     result = evaluate_tfep(m, StateSamples(data.x_val, data.u_val, "held out"), samples(T_B, 400, 5), n_boot=50)
     assert result["ess_mapped"] > 0.95
     assert result["estimates"]["lfep"]["value"] == pytest.approx(EXACT, abs=0.02)
+
+
+def test_error_bars_account_for_correlated_samples():
+    # 24 independent correlated chains per state, no map: the spread of the BAR estimates over the
+    # chains is what the reported 2 sigma must describe; the bootstrap that treats the frames as
+    # independent is ~sqrt(g) = 3 times too small
+    phi, n = 0.9, 1500
+    values, stds, stds_iid, inefficiencies = [], [], [], []
+    for chain in range(24):
+        result = evaluate_tfep(module(0.0), correlated_samples(T_A, n, 2 * chain, phi),
+                               correlated_samples(T_B, n, 2 * chain + 1, phi), n_boot=30, seed=chain)
+        bar_estimate = result["estimates"]["bar"]
+        values.append(bar_estimate["value"])
+        stds.append(bar_estimate["std"])
+        stds_iid.append(bar_estimate["std_iid"])
+        inefficiencies += bar_estimate["statistical_inefficiency"]
+        assert bar_estimate["std"] == pytest.approx(bar_estimate["std_iid"]
+                                                   * math.sqrt(max(bar_estimate["statistical_inefficiency"])))
+    spread = float(np.std(values, ddof=1))
+    expected_g = (1 + phi**2) / (1 - phi**2)
+    assert np.mean(inefficiencies) == pytest.approx(expected_g, rel=0.35)
+    assert 0.6 < np.mean(stds) / spread < 1.7
+    assert np.mean(stds_iid) / spread < 0.55
+    assert abs(np.mean(values) - EXACT) < 3 * spread / math.sqrt(len(values))
 
 
 def test_bad_settings_are_clear_errors():

@@ -38,3 +38,22 @@ def test_ice16_rigid_through_the_cli(tmp_path):
     assert 0 < results["ess"] <= 1
     assert Path(results["figures"]["works"]).is_file() and (run_dir / "works.npz").is_file()
     assert any(b"train/work" in p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/*.wandb"))
+
+    # bgexp-eval re-evaluates the trained map on the run's own held-out frames: the same works
+    # (deterministic flow and energies), so the same LFEP and LBAR; a new bootstrap seed only moves
+    # the bars
+    proc = run_cli("bgexp-eval", [f"run_dir={run_dir}", "n_bootstrap=12", "seed=3"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    evaluated = json.loads(next((run_dir / "eval").glob("*/results.json")).read_text())
+    assert evaluated["evaluated_from"] == str(run_dir)
+    for name in ("lfep", "lbar", "fep", "bar"):
+        assert evaluated["tfep"]["estimates"][name]["value"] == pytest.approx(estimates[name]["value"], abs=1e-6)
+        assert evaluated["tfep"]["estimates"][name]["statistical_inefficiency"][0] >= 1.0
+    assert evaluated["training"] == results["training"]
+    assert evaluated["n_energy_evals"]["evaluation"] == 12 + 60 and evaluated["tfep"]["n_samples_a"] == 12
+
+    # a checkpoint given by path is checked against the run's config (it carries its own)
+    best = run_dir / "checkpoints" / "best.ckpt"
+    proc = run_cli("bgexp-eval", [f"run_dir={run_dir}", f"checkpoint={best}", "n_bootstrap=5"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert len(list((run_dir / "eval").glob("*/results.json"))) == 2

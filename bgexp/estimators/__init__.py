@@ -1,12 +1,14 @@
 """Estimators: pure float64 functions of energies and log-densities (never of models).
 
 Log-weights and ESS (``weights``), state free-energy differences, FEP/BAR/MBAR (``free_energy``),
-bootstrap confidence intervals (``bootstrap``) and free-energy profiles (``profiles``).  Inputs may
+bootstrap confidence intervals (``bootstrap``), statistical inefficiency of correlated series
+(``correlation``) and free-energy profiles (``profiles``).  Inputs may
 be numpy arrays or torch tensors; outputs are Python floats or numpy arrays.  This package imports
 neither Lightning, Hydra, ``bgexp.flows`` nor ``bgexp.targets``.
 """
 
 from bgexp.estimators.bootstrap import BootstrapResult, bootstrap, bootstrap_independent
+from bgexp.estimators.correlation import inflate_for_correlation, statistical_inefficiency
 from bgexp.estimators.free_energy import bar, fep, free_energy_difference, mbar
 from bgexp.estimators.profiles import (
     align_profiles,
@@ -29,6 +31,8 @@ __all__ = [
     "BootstrapResult",
     "bootstrap",
     "bootstrap_independent",
+    "statistical_inefficiency",
+    "inflate_for_correlation",
     "free_energy_profile",
     "align_profiles",
     "weighted_histogram2d",

@@ -70,23 +70,41 @@ def _container(node):
 
 def run_tfep(cfg: DictConfig, target, run_dir: Path, start: float, logger) -> dict[str, Any]:
     """Train, evaluate and write the results of a targeted-FEP experiment (module docstring)."""
+    from bgexp.training.run import ConfigInCheckpoint
+
     module, data = build_tfep(cfg, target)
     checkpoint_dir = run_dir / "checkpoints"
     timer = StepTimer()
     callbacks = [ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/work", mode="min", save_top_k=1),
-                 ModelCheckpoint(dirpath=checkpoint_dir, filename="last", save_top_k=1, every_n_epochs=1), timer]
+                 ModelCheckpoint(dirpath=checkpoint_dir, filename="last", save_top_k=1, every_n_epochs=1), timer,
+                 ConfigInCheckpoint(cfg)]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
                                       plugins=[AtomicCheckpointIO()])
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+    training = {"steps": trainer.global_step, "step_s": timer.seconds_per_step,
+                "n_parameters": sum(p.numel() for p in module.flow.parameters() if p.requires_grad)}
+    return finish_tfep(cfg, target, module, data, run_dir, start, training, logger=logger, trainer=trainer,
+                       files={"checkpoint": str(checkpoint_dir / "last.ckpt")})
+
+
+def finish_tfep(cfg: DictConfig, target, module: TargetedFEP, data: StatePairData, out_dir: Path, start: float,
+                training: dict[str, Any], logger=None, trainer: pl.Trainer | None = None,
+                files: dict[str, Any] | None = None, n_bootstrap: int | None = None, seed: int | None = None,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate a trained map (LFEP on the held-out frames of A, LBAR with the frames of B, plain
+    FEP/BAR) and write results.json, works.npz and figures/works.png into `out_dir`."""
     reference = reference_for(cfg, target)
+    seed = int(cfg.seed if seed is None else seed)
     held_out = StateSamples(data.x_val, data.u_val, "held-out frames of state A")
     evaluation = evaluate_tfep(module, held_out, data.state_b, batch_size=int(cfg.tfep.eval_batch_size),
-                               n_boot=int(cfg.tfep.n_bootstrap), seed=int(cfg.seed), reference=reference)
+                               n_boot=int(cfg.tfep.n_bootstrap if n_bootstrap is None else n_bootstrap),
+                               seed=seed, reference=reference)
     works = evaluation.pop("works")
-    np.savez(run_dir / "works.npz", **works)
-    figures = {"works": str(plot_works(works, data, module, run_dir / "figures" / "works.png"))}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(out_dir / "works.npz", **works)
+    figures = {"works": str(plot_works(works, data, module, out_dir / "figures" / "works.png"))}
     lfep = evaluation["estimates"]["lfep"]
     results = {
         "experiment": cfg.get("experiment_name"),
@@ -101,13 +119,13 @@ def run_tfep(cfg: DictConfig, target, run_dir: Path, start: float, logger) -> di
         "tfep": evaluation,
         "n_energy_evals": {"training": module.n_energy_evals_train, "evaluation": module.n_energy_evals_eval},
         "wall_s": time.time() - start,
-        "training": {"steps": trainer.global_step, "step_s": timer.seconds_per_step,
-                     "n_parameters": sum(p.numel() for p in module.flow.parameters() if p.requires_grad)},
+        "training": training,
         "figures": figures,
-        "files": {"checkpoint": str(checkpoint_dir / "last.ckpt"), "works": str(run_dir / "works.npz"),
+        "files": {**(files or {}), "works": str(out_dir / "works.npz"),
                   "data_a": data_source(cfg.tfep.data_a), "data_b": data_source(cfg.tfep.get("data_b"))},
+        **(extra or {}),
     }
-    if isinstance(logger, WandbLogger):
+    if isinstance(logger, WandbLogger) and trainer is not None:
         scalars = {"final/ess_mapped": evaluation["ess_mapped"]}
         for name, entry in evaluation["estimates"].items():
             scalars[f"final/{name}"] = entry["value"]
@@ -117,9 +135,42 @@ def run_tfep(cfg: DictConfig, target, run_dir: Path, start: float, logger) -> di
         results["files"]["wandb_run"] = str(Path(logger.experiment.dir).parent)
     from bgexp.training.run import write_json_atomic
 
-    path = write_json_atomic(run_dir / "results.json", results)
+    path = write_json_atomic(out_dir / "results.json", results)
     print_tfep_summary(path, results)
     return json.loads(path.read_text())
+
+
+def evaluate_tfep_run(run_dir: str | Path, out_dir: Path, checkpoint: str = "last", n_bootstrap: int | None = None,
+                      seed: int | None = None) -> dict[str, Any]:
+    """`bgexp-eval` for a targeted-FEP run: rebuild the flow and the data split from the run's own
+    config (the held-out frames are the run's), load the checkpoint, evaluate into `out_dir`. The
+    training figures (steps, energy evaluations of training) are the run's."""
+    from bgexp.training.run import RESOLVED_CONFIG, build_target, load_checkpoint_into
+
+    start = time.time()
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / RESOLVED_CONFIG)
+    ckpt = Path(checkpoint) if checkpoint not in ("last", "best") else run_dir / "checkpoints" / f"{checkpoint}.ckpt"
+    target = build_target(cfg)
+    try:
+        module, data = build_tfep(cfg, target)
+        if checkpoint in ("last", "best"):  # the run's own checkpoint: it belongs to this config
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            module.load_state_dict(state["state_dict"])
+            module.on_load_checkpoint(state)
+        else:  # another file: checked against the run's target and flow config
+            load_checkpoint_into(module, cfg, ckpt)
+        module.n_energy_evals_eval = 0
+        trained_path = run_dir / "results.json"
+        trained = json.loads(trained_path.read_text()) if trained_path.is_file() else {}
+        training = trained.get("training", {"steps": None, "step_s": None,
+                                            "n_parameters": sum(p.numel() for p in module.flow.parameters())})
+        return finish_tfep(cfg, target, module, data, out_dir, start, training, files={"checkpoint": str(ckpt)},
+                           n_bootstrap=n_bootstrap, seed=seed, extra={"evaluated_from": str(run_dir)})
+    finally:
+        close = getattr(target, "close", None)
+        if close is not None:
+            close()
 
 
 def data_source(node) -> str | None:
@@ -153,4 +204,4 @@ def print_tfep_summary(path: Path, results: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
-__all__ = ["run_tfep", "build_tfep", "build_tfep_flow", "reference_for"]
+__all__ = ["run_tfep", "finish_tfep", "evaluate_tfep_run", "build_tfep", "build_tfep_flow", "reference_for"]
