@@ -231,12 +231,16 @@ class StatePairData(pl.LightningDataModule):
 
 # evaluation --------------------------------------------------------------------------------------
 def _in_batches(fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, u: Tensor,
-                batch_size: int, device) -> np.ndarray:
+                batch_size: int, device, desc: str = "works", progress: bool = True) -> np.ndarray:
+    from tqdm.auto import tqdm
+
     works = []
-    with torch.no_grad():
+    with torch.no_grad(), tqdm(total=x.shape[0], desc=desc, unit="sample", disable=not progress,
+                               mininterval=2.0) as bar:
         for start in range(0, x.shape[0], batch_size):
             w, _ = fn(x[start:start + batch_size].to(device), u[start:start + batch_size].to(device))
             works.append(w.double().cpu())
+            bar.update(w.shape[0])
     return torch.cat(works).numpy()
 
 
@@ -265,7 +269,7 @@ def _estimate(name: str, works: tuple[np.ndarray, ...], n_boot: int, seed: int) 
 
 def evaluate_tfep(module: TargetedFEP, state_a: StateSamples, state_b: StateSamples | None,
                   batch_size: int = 256, n_boot: int = 200, seed: int = 0,
-                  reference: dict[str, Any] | None = None) -> dict[str, Any]:
+                  reference: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """LFEP on the held-out samples of A, LBAR with the samples of B, and the plain FEP/BAR baselines
     (no map), each with bootstrap error bars widened by the works' statistical inefficiency (samples
     given in trajectory order); ESS of the mapped samples (Kish, of exp(-W_F)); the
@@ -277,7 +281,8 @@ def evaluate_tfep(module: TargetedFEP, state_a: StateSamples, state_b: StateSamp
     dtype = next((p.dtype for p in module.flow.parameters()), torch.get_default_dtype())  # the flow's precision
     generator = torch.Generator().manual_seed(seed)
     x_a = module.shifted(state_a.x.to(dtype), generator)
-    w_f = _in_batches(module.forward_work, x_a, state_a.potential, batch_size, device)
+    w_f = _in_batches(module.forward_work, x_a, state_a.potential, batch_size, device, "forward works (A -> B)",
+                      progress)
     beta_difference = 1.0 / module.kbt_b - 1.0 / module.kbt_a
     plain_f = state_a.potential.double().numpy() * beta_difference
     results: dict[str, Any] = {
@@ -292,7 +297,8 @@ def evaluate_tfep(module: TargetedFEP, state_a: StateSamples, state_b: StateSamp
     }
     if state_b is not None:
         x_b = module.shifted(state_b.x.to(dtype), generator)
-        w_r = _in_batches(module.reverse_work, x_b, state_b.potential, batch_size, device)
+        w_r = _in_batches(module.reverse_work, x_b, state_b.potential, batch_size, device,
+                          "reverse works (B -> A)", progress)
         plain_r = -state_b.potential.double().numpy() * beta_difference
         results["n_samples_b"] = int(state_b.x.shape[0])
         results["work_reverse"] = {"mean": float(np.mean(w_r[np.isfinite(w_r)])),
