@@ -55,13 +55,17 @@ def main(argv: list[str] | None = None) -> dict:
                         help="re-evaluate the runs already in the report (bgexp-eval of their checkpoints) "
                              "instead of training")
     parser.add_argument("--out", default="outputs/benchmarks")
-    args, overrides = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Hydra overrides (key=value) may follow the options anywhere: take them out before argparse,
+    # whose nargs="+" would otherwise swallow them as temperatures
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{args.experiment}.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
     report.update({"benchmark": args.experiment, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                   "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])})
+                   "command": " ".join([Path(sys.argv[0]).name, *argv])})
     runs = report.setdefault("temperatures", {})
     for temperature in args.temperatures:
         for seed in args.seeds:
