@@ -516,6 +516,11 @@ def print_summary(path: Path, results: dict[str, Any], wandb_dir: str | None) ->
     print("\n".join(lines), flush=True)
 
 
+def checkpoint_path(run_dir: str | Path, checkpoint: str) -> Path:
+    """The file of `checkpoint`: "last" or "best" of the run folder, or else a path."""
+    return Path(run_dir) / "checkpoints" / f"{checkpoint}.ckpt" if checkpoint in ("last", "best") else Path(checkpoint)
+
+
 def load_run(run_dir: str | Path, checkpoint: str = "last") -> tuple[DictConfig, BoltzmannGenerator, Path]:
     """Rebuild the model of a finished (or killed) run from its folder and load a checkpoint.
 
@@ -526,7 +531,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "last") -> tuple[DictConfig,
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a bgexp run folder (no {RESOLVED_CONFIG})")
     cfg = OmegaConf.load(cfg_path)
-    ckpt = Path(checkpoint) if checkpoint not in ("last", "best") else run_dir / "checkpoints" / f"{checkpoint}.ckpt"
+    ckpt = checkpoint_path(run_dir, checkpoint)
     target = build_target(cfg)
     model = build_model(cfg, target)
     load_checkpoint_into(model, cfg, ckpt)

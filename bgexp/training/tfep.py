@@ -262,7 +262,7 @@ def _estimate(name: str, works: tuple[np.ndarray, ...], n_boot: int, seed: int) 
     ci95 = [boot.ci_low, boot.ci_high]
     if math.isfinite(value):
         ci95 = [value + factor * (boot.ci_low - value), value + factor * (boot.ci_high - value)]
-    return {"estimator": name, "value": value, "std_analytic": std, "std": inflate_for_correlation(boot.std, inefficiencies),
+    return {"estimator": name, "value": value, "std_analytic": std, "std": boot.std * factor,
             "std_iid": boot.std, "statistical_inefficiency": inefficiencies, "ci95": ci95,
             "n_bootstrap_nonfinite": boot.n_nonfinite}
 

@@ -145,12 +145,12 @@ def evaluate_tfep_run(run_dir: str | Path, out_dir: Path, checkpoint: str = "las
     """`bgexp-eval` for a targeted-FEP run: rebuild the flow and the data split from the run's own
     config (the held-out frames are the run's), load the checkpoint, evaluate into `out_dir`. The
     training figures (steps, energy evaluations of training) are the run's."""
-    from bgexp.training.run import RESOLVED_CONFIG, build_target, load_checkpoint_into
+    from bgexp.training.run import RESOLVED_CONFIG, build_target, checkpoint_path, load_checkpoint_into
 
     start = time.time()
     run_dir = Path(run_dir)
     cfg = OmegaConf.load(run_dir / RESOLVED_CONFIG)
-    ckpt = Path(checkpoint) if checkpoint not in ("last", "best") else run_dir / "checkpoints" / f"{checkpoint}.ckpt"
+    ckpt = checkpoint_path(run_dir, checkpoint)
     target = build_target(cfg)
     try:
         module, data = build_tfep(cfg, target)
