@@ -107,6 +107,7 @@ from torch import Tensor
 
 from bgexp.geometry import optimal_rotation, wrap_into_box
 from bgexp.quaternions import from_matrix, to_matrix
+from bgexp.spaces import Space
 from bgexp.targets.openmm import OpenMMTarget, openmm_energy
 
 SITE_NAMES = ("O", "H1", "H2", "M")
@@ -485,6 +486,13 @@ class IceTarget(OpenMMTarget):
         self.box = torch.as_tensor(structure.box, dtype=torch.float64)
         self.cutoff = structure.cutoff
         self.rigid_dim = 7 * self.n_molecules
+
+    @property
+    def space(self) -> Space:
+        """The rigid-body representation the flows act on: `n_molecules` bodies (centre of mass and
+        unit quaternion, dim = rigid_dim = 7 n) in the periodic `box`; `energy` itself takes the
+        atom positions (dim = 12 n), `rigid_energy` the rigid-body form."""
+        return Space(self.rigid_dim, molecules=self.n_molecules, box=tuple(float(b) for b in self.box))
 
     def energy(self, x: Tensor) -> Tensor:
         """Reduced energy of atom positions [B, 12 n] nm; the M entries are recomputed by OpenMM and get

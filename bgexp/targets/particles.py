@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bgexp.spaces import Space
 from bgexp.targets.base import Target
 from bgexp.targets.md import metropolis
 
@@ -62,6 +63,11 @@ class ParticleTarget(Target):
         self.distributions = {"pair_distance": self.pair_distances}
         self.states = {ALL_STATE: self.is_anywhere}
         self.reference = None
+
+    @property
+    def space(self) -> Space:
+        """n_particles points in R^spatial_dim (the mean-free prior and equivariant flows need both)."""
+        return Space(self.dim, particles=self.n_particles, spatial_dim=self.spatial_dim)
 
     @property
     def n_pairs(self) -> int:

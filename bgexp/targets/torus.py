@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from bgexp.geometry import wrap_angle
+from bgexp.spaces import Space
 from bgexp.targets.base import Reference, ReferenceValue, Target
 
 PI = math.pi
@@ -176,6 +177,11 @@ class TorusMixture(Target):
         self.surfaces = {"torus": ("theta1", "theta2", (-PI, PI), (-PI, PI))}
         self.log_normalizer = self._log_normalizer(self.quadrature_points)
         self._log_bound: float | None = None  # log M of the rejection sampler, set on first use
+
+    @property
+    def space(self) -> Space:
+        """Both features are angles on the circle [-pi, pi)."""
+        return Space(self.dim, circular=(True,) * self.dim)
 
     # observables and states -------------------------------------------------------------
     def theta1(self, x: Tensor) -> Tensor:
