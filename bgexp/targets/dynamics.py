@@ -12,7 +12,7 @@ structure and writes, inside `out_dir`:
                               potential energies (kJ/mol) and forces (kJ/mol/nm); training reads these
     state.xml                 the simulation state after the last complete chunk (checkpoint)
 
-Every file is written to a temporary name and renamed, the chunk first and the checkpoint last,
+Every file is written atomically (`bgexp.atomic`), the chunk first and the checkpoint last,
 so a run killed at any moment resumes from its last complete chunk (`run_md` on the same folder
 continues; a chunk written after the last checkpoint is discarded and redone). `load_md` reads
 the chunks back and checks them against the topology.
@@ -20,15 +20,17 @@ the chunks back and checks them against the topology.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bgexp.atomic import atomic_path, atomic_write, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +82,6 @@ class MDData:
     forces: np.ndarray
     metadata: dict[str, Any]
     topology_path: Path
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True)))
 
 
 def _chunk_paths(out_dir: Path, k: int) -> tuple[Path, Path]:
@@ -171,13 +163,15 @@ def run_md(target, out_dir: str | Path, settings: MDSettings | None = None, plat
     simulation = app.Simulation(target.topology, system, integrator,
                                 openmm.Platform.getPlatformByName(platform), properties)
     if chunks_done == 0:
-        _write_atomic(out_dir / TOPOLOGY, lambda p: app.PDBFile.writeFile(
-            target.topology, target.positions * unit.nanometer, open(p, "w"), keepIds=True))
+        pdb = io.StringIO()
+        app.PDBFile.writeFile(target.topology, target.positions * unit.nanometer, pdb, keepIds=True)
+        atomic_write(out_dir / TOPOLOGY, pdb.getvalue())
         simulation.context.setPositions(target.positions * unit.nanometer)
         if settings.minimize:
             simulation.minimizeEnergy()
         simulation.context.setVelocitiesToTemperature(temperature * unit.kelvin, int(settings.seed) + 1)
-        _write_json(meta_path, {**metadata, "status": "running", "chunks_done": 0, "frames_done": 0})
+        write_json_atomic(meta_path, {**metadata, "status": "running", "chunks_done": 0, "frames_done": 0},
+                          sort_keys=True)
         if settings.equilibration_steps:
             log.info("equilibrating %d steps", settings.equilibration_steps)
             simulation.step(settings.equilibration_steps)
@@ -204,17 +198,19 @@ def run_md(target, out_dir: str | Path, settings: MDSettings | None = None, plat
                 raise MDError(f"MD in {out_dir} blew up in chunk {k} (non-finite positions or energies); "
                               f"reduce md.timestep_fs")
             dcd, npz = _chunk_paths(out_dir, k)
-            _write_atomic(dcd, lambda p: mdtraj.Trajectory(xyz, md_top).save_dcd(str(p)))
-            _write_atomic(npz, lambda p: np.savez(open(p, "wb"), x=xyz, energies=energies, forces=forces))
-            _write_atomic(out_dir / STATE, lambda p: simulation.saveState(str(p)))
+            with atomic_path(dcd) as tmp:
+                mdtraj.Trajectory(xyz, md_top).save_dcd(str(tmp))
+            atomic_write(npz, lambda f: np.savez(f, x=xyz, energies=energies, forces=forces))
+            with atomic_path(out_dir / STATE) as tmp:
+                simulation.saveState(str(tmp))
             done = k + 1
-            _write_json(meta_path, {
+            write_json_atomic(meta_path, {
                 **metadata,
                 "status": "complete" if done == n_chunks else "running",
                 "chunks_done": done,
                 "frames_done": min(done * settings.chunk_frames, settings.n_frames),
                 "wall_s_last_session": time.time() - start,
-            })
+            }, sort_keys=True)
     finally:
         bar.close()
     return out_dir

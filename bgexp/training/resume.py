@@ -1,9 +1,9 @@
 """Losing nothing when a run dies: atomic checkpoints, resuming a run from its folder, one W&B run.
 
-- `AtomicCheckpointIO`: every checkpoint is written to a temporary file in the same folder and
-  renamed over the old one (`os.replace`, atomic on POSIX), so a kill at any moment leaves either
-  the previous checkpoint or the new one, never a truncated file. (Lightning's default writes the
-  bytes straight into the final path.)
+- `AtomicCheckpointIO`: every checkpoint is written to a temporary file in the same folder, fsynced
+  and renamed over the old one (`bgexp.atomic`; `os.replace` is atomic on POSIX), so a kill at
+  any moment leaves either the previous checkpoint or the new one, never a truncated file.
+  (Lightning's default writes the bytes straight into the final path.)
 - `resumed_config(cfg)`: `bgexp-train resume=<run folder>` continues that run in that folder: the
   run's stored, fully resolved config.yaml is the config (so the experiment, data and model are
   those of the run, whatever the defaults are today), the command line's other overrides are
@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import string
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from bgexp.atomic import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +37,11 @@ WANDB_ID_FILE = "wandb_id"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to `<name>.tmp-<pid>` and renamed into place (see the module docstring)."""
+    """Checkpoints written through `bgexp.atomic.atomic_path` (see the module docstring)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)
-            with open(tmp, "rb") as f:  # on disk before the rename makes it the checkpoint
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
 
 def resumed_config(cfg: DictConfig, task_overrides: list[str] | None = None) -> DictConfig:
@@ -88,6 +80,5 @@ def wandb_run_id(run_dir: Path) -> str:
             return text
     alphabet = string.ascii_lowercase + string.digits
     run_id = "".join(secrets.choice(alphabet) for _ in range(8))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_id + "\n")
+    atomic_write(path, run_id + "\n")
     return run_id
