@@ -56,6 +56,25 @@ def dihedrals(xi: Tensor, xj: Tensor, xk: Tensor, xl: Tensor) -> Tensor:
     return torch.where(phi >= math.pi, phi - 2 * math.pi, phi)
 
 
+def nerf(xj: Tensor, xk: Tensor, xl: Tensor, bond: Tensor, angle: Tensor, torsion: Tensor) -> Tensor:
+    """Natural extension reference frame (NeRF; Parsons et al., J. Comput. Chem. 26, 1063, 2005):
+    the point x_i with |x_i - x_j| = bond, bond_angles(x_i, x_j, x_k) = angle and
+    dihedrals(x_i, x_j, x_k, x_l) = torsion (radians, IUPAC sign convention).
+
+    Reference points have shape [..., 3], the internal coordinates shape [...] (broadcast). With
+    the frame e_1 = (x_j - x_k)/|x_j - x_k|, n = e_1 x (x_l - x_k)/|...| and e_2 = n x e_1 (the
+    direction of x_l seen from the k-j axis):
+        x_i = x_j + bond (-cos(angle) e_1 + sin(angle) (cos(torsion) e_2 + sin(torsion) n)),
+    a spherical parametrisation about x_j (polar angle pi - angle), so |det dx_i/d(bond, angle,
+    torsion)| = bond^2 sin(angle). Differentiable, any float dtype/device.
+    """
+    e1 = normalize(xj - xk)
+    n = normalize(torch.linalg.cross(e1, xl - xk))
+    e2 = torch.linalg.cross(n, e1)
+    b, a, t = bond.unsqueeze(-1), angle.unsqueeze(-1), torsion.unsqueeze(-1)
+    return xj + b * (-torch.cos(a) * e1 + torch.sin(a) * (torch.cos(t) * e2 + torch.sin(t) * n))
+
+
 def torsion_of(x: Tensor, atoms: tuple[int, int, int, int]) -> Tensor:
     """The torsion of four atoms of flattened configurations x [batch, 3 N]."""
     xyz = x.reshape(x.shape[0], -1, 3)
@@ -113,6 +132,20 @@ def wrap_angle(x: Tensor) -> Tensor:
     y = torch.remainder(x + math.pi, 2 * math.pi) - math.pi
     y = torch.where(y >= math.pi, y - 2 * math.pi, y)
     return torch.where((x >= -math.pi) & (x < math.pi), x, y)
+
+
+def as_box(box, like: Tensor | None = None) -> Tensor:
+    """Edge lengths [3] of an orthorhombic periodic box from three numbers (or one, for a cube), as
+    a tensor in the dtype and device of `like` (float64 on the CPU without it). Raises ValueError
+    unless there are 3 positive, finite edge lengths."""
+    dtype, device = (torch.float64, None) if like is None else (like.dtype, like.device)
+    lengths = torch.as_tensor(box, dtype=dtype, device=device).flatten()
+    if lengths.numel() == 1:
+        lengths = lengths.expand(3).clone()
+    if lengths.shape != (3,) or not bool(torch.isfinite(lengths).all()) or not bool((lengths > 0).all()):
+        shown = lengths.tolist() if lengths.numel() <= 9 else tuple(lengths.shape)
+        raise ValueError(f"box must be 3 positive edge lengths (or one, for a cube), got {shown}")
+    return lengths
 
 
 def wrap_into_box(x: Tensor, box: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from bgexp.flows import (
     RealNVP,
     SequentialFlow,
 )
-from bgexp.flows.realnvp import coupling_masks
+from bgexp.flows.nn import coupling_masks
 
 HIDDEN = (16, 16)
 

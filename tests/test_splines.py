@@ -20,7 +20,7 @@ import torch
 from torch.autograd.functional import jacobian
 
 from bgexp.flows.base import AffineStandardization, Flow, SequentialFlow
-from bgexp.flows.realnvp import coupling_masks
+from bgexp.flows.nn import coupling_masks
 from bgexp.flows.splines import (
     NeuralSpline,
     SplineCoupling,

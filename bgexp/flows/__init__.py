@@ -1,10 +1,12 @@
 """Bijections with log-determinants (one module per family) and priors."""
 
 from bgexp.flows.base import AffineStandardization, Flow, InverseFlow, SequentialFlow
+from bgexp.flows.coupling import Coupling
 from bgexp.flows.priors import MeanFreeNormalPrior, NormalPrior, TorusPrior
-from bgexp.flows.realnvp import AffineCoupling, RealNVP
-from bgexp.flows.splines import NeuralSpline, SplineCoupling
-from bgexp.flows.torus import SmoothCoupling, SmoothTorusFlow
+from bgexp.flows.realnvp import AffineCoupling, RealNVP, realnvp
+from bgexp.flows.splines import CircularRQSpline, NeuralSpline, RQSpline, SplineCoupling, neural_spline
+from bgexp.flows.torus import SmoothCoupling, SmoothRamps, SmoothTorusFlow, smooth_torus
+from bgexp.flows.transforms import Affine, ElementwiseTransform, Inverse
 
 __all__ = [
     "Flow",
@@ -20,4 +22,14 @@ __all__ = [
     "MeanFreeNormalPrior",
     "SmoothCoupling",
     "SmoothTorusFlow",
+    "Coupling",
+    "ElementwiseTransform",
+    "Affine",
+    "Inverse",
+    "RQSpline",
+    "CircularRQSpline",
+    "SmoothRamps",
+    "realnvp",
+    "neural_spline",
+    "smooth_torus",
 ]

@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from bgexp.flows.base import Flow
 from bgexp.flows.integrators import ODEIntegrator
-from bgexp.flows.realnvp import mlp
+from bgexp.flows.nn import mlp
+from bgexp.spaces import Space, SpaceError
 
 DIVERGENCES = ("exact", "hutchinson")
 
@@ -185,12 +186,16 @@ class EquivariantCNF(Flow):
     the field's pair features (LJ55 needs it).
     """
 
-    def __init__(self, n_particles: int | None = None, spatial_dim: int = 3, field: str = "egnn", hidden: int = 64,
+    def __init__(self, n_particles: int | None = None, spatial_dim: int | None = None, field: str = "egnn", hidden: int = 64,
                  n_layers: int = 3, divergence: str = "exact", solver: str = "dopri5", atol: float = 1e-5,
                  rtol: float = 1e-5, steps: int = 20, max_nfe: int = 100_000, dim: int | None = None,
                  eval_divergence: str | None = None, sensitivity: str = "autograd",
-                 divergence_chunk: int | None = None):
+                 divergence_chunk: int | None = None, space: Space | None = None):
         super().__init__()
+        if space is not None:
+            n_particles, spatial_dim = particles_of(space, "EquivariantCNF", n_particles, spatial_dim, dim)
+            dim = None
+        spatial_dim = 3 if spatial_dim is None else spatial_dim
         n_particles = _particle_count(n_particles, spatial_dim, dim)
         self.n_particles, self.spatial_dim = n_particles, int(spatial_dim)
         self.dim = self.n_particles * self.spatial_dim
@@ -253,6 +258,38 @@ class EquivariantCNF(Flow):
                 f"sensitivity={self.integrator.sensitivity}")
 
 
+def particles_of(space: Space, family: str, n_particles: int | None = None, spatial_dim: int | None = None,
+                 dim: int | None = None) -> tuple[int, int]:
+    """(particles, spatial_dim) of a particle space, checked against what is given; SpaceError for a
+    space that is not one, or that disagrees."""
+    if not isinstance(space, Space):
+        raise SpaceError(f"{family} expects `space` to be a bgexp.spaces.Space, got {type(space).__name__}")
+    if not space.is_particles:
+        raise SpaceError(f"{family} expects a particle space (particles x spatial_dim), got {space.describe()}")
+    if space.has_circular or space.is_rigid_bodies:
+        raise SpaceError(f"{family} expects particles in R^spatial_dim without circular features or rigid "
+                         f"bodies, got {space.describe()}")
+    for name, given, actual in (("n_particles", n_particles, space.particles), ("spatial_dim", spatial_dim,
+                                                                               space.spatial_dim),
+                                ("dim", dim, space.dim)):
+        if given is not None and int(given) != actual:
+            raise SpaceError(f"{family} expects {name}={given}, but the space has {name}={actual} "
+                             f"({space.describe()})")
+    return int(space.particles), int(space.spatial_dim)
+
+
+def equivariant_cnf(space: Space, spatial_dim: int | None = None, field: str = "egnn", hidden: int = 64,
+                    n_layers: int = 3, divergence: str = "exact", solver: str = "dopri5", atol: float = 1e-5,
+                    rtol: float = 1e-5, steps: int = 20, max_nfe: int = 100_000, eval_divergence: str | None = None,
+                    sensitivity: str = "autograd", divergence_chunk: int | None = None) -> EquivariantCNF:
+    """EquivariantCNF on a particle space: particles and spatial_dim from the space (`spatial_dim`,
+    if given, must match it); SpaceError on a non-particle space."""
+    return EquivariantCNF(spatial_dim=spatial_dim, field=field, hidden=hidden, n_layers=n_layers,
+                          divergence=divergence, solver=solver, atol=atol, rtol=rtol, steps=steps, max_nfe=max_nfe,
+                          eval_divergence=eval_divergence, sensitivity=sensitivity,
+                          divergence_chunk=divergence_chunk, space=space)
+
+
 def subspace_basis(n_particles: int, spatial_dim: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """An orthonormal basis [n d, (n - 1) d] of the mean-free subspace (for tests and diagnostics)."""
     n, d = n_particles, spatial_dim
@@ -261,4 +298,5 @@ def subspace_basis(n_particles: int, spatial_dim: int, dtype: torch.dtype = torc
     return torch.kron(q.contiguous(), torch.eye(d, dtype=dtype))
 
 
-__all__ = ["EquivariantCNF", "AugmentedField", "EGNNField", "PairwiseField", "subspace_basis", "DIVERGENCES"]
+__all__ = ["EquivariantCNF", "AugmentedField", "EGNNField", "PairwiseField", "equivariant_cnf", "particles_of",
+           "subspace_basis", "DIVERGENCES"]

@@ -1,6 +1,9 @@
 """Priors: simple densities the flow pushes forward.
 
-Contract: `sample(n, generator=None) -> [n, dim]` and `log_prob(z) -> [n]`.
+Contract: `sample(n, generator=None) -> [n, dim]` and `log_prob(z) -> [n]`. Every prior can be
+built from the final `bgexp.spaces.Space` of a flow recipe (`space=`) as well as from its width
+and options (`dim=` etc.): the torus prior takes its circular mask from the space, the mean-free
+prior its particles and spatial dimension.
 """
 
 from __future__ import annotations
@@ -10,6 +13,25 @@ import math
 import torch
 from torch import Tensor, nn
 
+from bgexp.spaces import Space, SpaceError
+
+
+def _check_space(space, prior: str) -> Space:
+    if not isinstance(space, Space):
+        raise SpaceError(f"{prior} expects `space` to be a bgexp.spaces.Space, got {type(space).__name__}")
+    return space
+
+
+def _dim_from(prior: str, dim: int | None, space: Space | None) -> int:
+    if space is None:
+        if dim is None:
+            raise ValueError(f"{prior} needs `dim` or `space`")
+        return int(dim)
+    space = _check_space(space, prior)
+    if dim is not None and int(dim) != space.dim:
+        raise SpaceError(f"{prior}: dim={dim} does not match the space ({space.describe()})")
+    return space.dim
+
 
 class NormalPrior(nn.Module):
     """Isotropic Gaussian N(0, T * I) with an optional temperature T (variance scaled by T).
@@ -18,8 +40,9 @@ class NormalPrior(nn.Module):
     the prior at another temperature (Boltzmann Generators, 2019, Fig. 3).
     """
 
-    def __init__(self, dim: int, temperature: float = 1.0):
+    def __init__(self, dim: int | None = None, temperature: float = 1.0, space: Space | None = None):
         super().__init__()
+        dim = _dim_from("NormalPrior", dim, space)
         if dim < 1:
             raise ValueError(f"prior dim must be >= 1, got {dim}")
         if temperature <= 0:
@@ -46,11 +69,20 @@ class TorusPrior(nn.Module):
     For the d_c features marked in `circular` (default: all, the torus T^dim) z_i ~ U[-pi, pi);
     for the others z_i ~ N(0, 1):  log p(z) = -d_c log(2 pi) - |z_lin|^2 / 2 - (d_l / 2) log(2 pi).
     The uniform density ignores the value of an angle (it is periodic), so angles outside
-    [-pi, pi) are accepted as their wrapped value.
+    [-pi, pi) are accepted as their wrapped value. Given `space`, the width and the circular mask
+    are the space's (a space without circular features gives the standard normal).
     """
 
-    def __init__(self, dim: int, circular: Tensor | list[bool] | None = None):
+    def __init__(self, dim: int | None = None, circular: Tensor | list[bool] | None = None,
+                 space: Space | None = None):
         super().__init__()
+        dim = _dim_from("TorusPrior", dim, space)
+        if space is not None:  # the space's circular features (a space without any: a normal prior)
+            mask = space.circular_mask()
+            if circular is not None and not torch.equal(torch.as_tensor(circular, dtype=torch.bool), mask):
+                raise SpaceError(f"TorusPrior: `circular` does not match the space's circular features "
+                                 f"({space.describe()})")
+            circular = mask
         if dim < 1:
             raise ValueError(f"prior dim must be >= 1, got {dim}")
         self.dim = int(dim)
@@ -86,11 +118,25 @@ class MeanFreeNormalPrior(nn.Module):
     subspace (the projector is the identity there). The density with respect to the Lebesgue
     measure of the subspace is log p(z) = -|z|^2 / 2 - ((n - 1) d / 2) log(2 pi); inputs are
     projected first, so the centre of mass of a configuration does not matter (translation
-    invariance). `dim` is n d, the width of the flow's input.
+    invariance). `dim` is n d, the width of the flow's input. Given `space` (a particle space), n and
+    d are the space's.
     """
 
-    def __init__(self, n_particles: int | None = None, spatial_dim: int = 3, dim: int | None = None):
+    def __init__(self, n_particles: int | None = None, spatial_dim: int | None = None, dim: int | None = None,
+                 space: Space | None = None):
         super().__init__()
+        if space is not None:
+            space = _check_space(space, "MeanFreeNormalPrior")
+            if not space.is_particles:
+                raise SpaceError(f"MeanFreeNormalPrior expects a particle space (particles x spatial_dim), got "
+                                 f"{space.describe()}")
+            for name, given, actual in (("n_particles", n_particles, space.particles),
+                                        ("spatial_dim", spatial_dim, space.spatial_dim), ("dim", dim, space.dim)):
+                if given is not None and int(given) != actual:
+                    raise SpaceError(f"MeanFreeNormalPrior expects {name}={given}, but the space has "
+                                     f"{name}={actual} ({space.describe()})")
+            n_particles, spatial_dim, dim = space.particles, space.spatial_dim, space.dim
+        spatial_dim = 3 if spatial_dim is None else spatial_dim
         if n_particles is None and dim is not None and spatial_dim >= 1 and int(dim) % int(spatial_dim) == 0:
             n_particles = int(dim) // int(spatial_dim)  # from the flattened width n d
         if n_particles is None or n_particles < 2 or spatial_dim < 1:

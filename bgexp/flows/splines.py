@@ -27,24 +27,30 @@ a square domain is the identity. Three variants:
   glues into a C1 diffeomorphism of the circle (Rezende et al., "Normalizing flows on tori and
   spheres", ICML 2020); an optional rotation (phase shift) removes the fixed point at -pi.
 
-`SplineCoupling` keeps the masked half and transforms the other half elementwise with splines
-whose parameters a dense conditioner computes from the kept half (angles fed as cos, sin);
-its last layer starts at zero, so a fresh coupling is the identity. `NeuralSpline` is a preset:
-a stack of couplings whose masks alternate.
+`RQSpline` (identity tails) and `CircularRQSpline` (with a rotation) are the elementwise
+transforms (bgexp/flows/transforms.py contract) that the one coupling (bgexp/flows/coupling.py)
+applies with parameters from a dense conditioner of the kept features (angles fed as cos, sin);
+its last layer starts at zero, so a fresh coupling is the identity. `SplineCoupling` is that
+coupling, `NeuralSpline` a preset: a stack of couplings whose masks alternate, and
+`neural_spline(space, ...)` builds it for a `Space` (circular splines on its angle features).
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bgexp.flows.base import Flow, SequentialFlow
-from bgexp.flows.realnvp import coupling_masks, mlp
+from bgexp.flows.base import SequentialFlow
+from bgexp.flows.coupling import Coupling, dim_and_circular
+from bgexp.flows.nn import coupling_masks, mlp
+from bgexp.flows.transforms import ElementwiseTransform
 from bgexp.geometry import wrap_angle
+from bgexp.spaces import Space
 
 TWO_PI = 2.0 * math.pi
 
@@ -235,17 +241,73 @@ def circular_rq_spline(
     return wrap_angle(outputs), logabsdet
 
 
-class SplineCoupling(Flow):
+class RQSpline(ElementwiseTransform):
+    """`unconstrained_rq_spline` as an elementwise transform: K bins on [-bound, bound], identity
+    tails. Parameters per feature (feature-major): K widths, K heights, K - 1 interior derivatives
+    (`n_params` = 3K - 1); zeros give the identity."""
+
+    def __init__(self, n_bins: int = 8, bound: float = 5.0):
+        super().__init__()
+        if int(n_bins) != n_bins or n_bins < 2:
+            raise ValueError(f"n_bins must be an integer >= 2, got {n_bins}")
+        if not (bound > 0 and math.isfinite(bound)):
+            raise ValueError(f"bound must be positive and finite, got {bound}")
+        self.n_bins, self.bound = int(n_bins), float(bound)
+        self.n_params = 3 * self.n_bins - 1
+
+    def extra_repr(self) -> str:
+        return f"n_bins={self.n_bins}, bound={self.bound}"
+
+    def _call(self, x: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        k = self.n_bins
+        return unconstrained_rq_spline(x, p[..., :k], p[..., k:2 * k], p[..., 2 * k:3 * k - 1], inverse, self.bound)
+
+    def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._call(x, params, False)
+
+    def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._call(y, params, True)
+
+
+class CircularRQSpline(ElementwiseTransform):
+    """`circular_rq_spline` with a conditioned rotation as an elementwise transform of the circle
+    [-pi, pi). Parameters per feature (feature-major): K widths, K heights, K derivatives, the
+    rotation (`n_params` = 3K + 1); zeros give the identity."""
+
+    circular = True
+
+    def __init__(self, n_bins: int = 8):
+        super().__init__()
+        if int(n_bins) != n_bins or n_bins < 2:
+            raise ValueError(f"n_bins must be an integer >= 2, got {n_bins}")
+        self.n_bins = int(n_bins)
+        self.n_params = 3 * self.n_bins + 1
+
+    def extra_repr(self) -> str:
+        return f"n_bins={self.n_bins}"
+
+    def _call(self, x: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        k = self.n_bins
+        return circular_rq_spline(x, p[..., :k], p[..., k:2 * k], p[..., 2 * k:3 * k], inverse, shift=p[..., 3 * k])
+
+    def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._call(x, params, False)
+
+    def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._call(y, params, True)
+
+
+class SplineCoupling(Coupling):
     """One RQ-spline coupling; `mask[i]` is True where coordinate i conditions (is kept).
 
         y_a = x_a,    y_b,i = g_i(x_b,i; theta_i(x_a)),    log|det dy/dx| = sum_i log g_i'(x_b,i).
 
-    Non-circular transformed features use `unconstrained_rq_spline` on [-bound, bound] (identity
-    tails); features marked in `circular` (bool, length dim) use `circular_rq_spline` with a
-    conditioned rotation and must lie in [-pi, pi) (they are wrapped). Kept circular features
-    enter the conditioner as (cos, sin), so the coupling is 2 pi-periodic in them. The conditioner
-    outputs 3K + 1 numbers per transformed feature: K widths, K heights, then K - 1 interior
-    derivatives (the last 2 unused) or K derivatives and the rotation for circular features.
+    Non-circular transformed features use `RQSpline` on [-bound, bound] (identity tails); features
+    marked in `circular` (bool, length dim) use `CircularRQSpline` with a conditioned rotation and
+    must lie in [-pi, pi) (they are wrapped). Kept circular features enter the conditioner as
+    (cos, sin), so the coupling is 2 pi-periodic in them. The conditioner outputs 3K + 1 numbers per
+    transformed feature ("rows" layout): K widths, K heights, then K - 1 interior derivatives (the
+    last 2 unused) or K derivatives and the rotation for circular features.
     """
 
     def __init__(
@@ -257,80 +319,25 @@ class SplineCoupling(Flow):
         bound: float = 5.0,
         circular: Tensor | Sequence[bool] | None = None,
     ):
-        super().__init__()
         mask = torch.as_tensor(mask, dtype=torch.bool)
         if mask.dim() != 1 or mask.all() or not mask.any():
             raise ValueError("coupling mask must be 1-D with both kept and transformed entries")
-        if int(n_bins) != n_bins or n_bins < 2:
-            raise ValueError(f"n_bins must be an integer >= 2, got {n_bins}")
-        if not (bound > 0 and math.isfinite(bound)):
-            raise ValueError(f"bound must be positive and finite, got {bound}")
-        self.dim = int(mask.numel())
-        if circular is None:
-            circular = torch.zeros(self.dim, dtype=torch.bool)
-        circular = torch.as_tensor(circular, dtype=torch.bool)
-        if circular.shape != (self.dim,):
-            raise ValueError(
-                f"circular must be a bool mask of length dim={self.dim}, got shape {tuple(circular.shape)}"
-            )
-        self.n_bins, self.bound = int(n_bins), float(bound)
-        self.register_buffer("mask", mask.clone())
-        self.register_buffer("circular", circular.clone())
-        changed = torch.nonzero(~mask).flatten()
-        changed_circular = circular[changed]
-        self.register_buffer("kept_linear", torch.nonzero(mask & ~circular).flatten())
-        self.register_buffer("kept_circular", torch.nonzero(mask & circular).flatten())
-        self.register_buffer("changed_linear", changed[~changed_circular])
-        self.register_buffer("changed_circular", changed[changed_circular])
-        # positions of those features among the transformed ones (rows of the parameter block)
-        self.register_buffer("rows_linear", torch.nonzero(~changed_circular).flatten())
-        self.register_buffer("rows_circular", torch.nonzero(changed_circular).flatten())
-        self.n_changed = int(changed.numel())
-        self.n_params = 3 * self.n_bins + 1
-        n_in = len(self.kept_linear) + 2 * len(self.kept_circular)
-        self.net = mlp(n_in, self.n_changed * self.n_params, hidden, activation, zero_last=True)
-
-    def _features(self, x: Tensor) -> Tensor:
-        angles = x[:, self.kept_circular]
-        return torch.cat([x[:, self.kept_linear], torch.cos(angles), torch.sin(angles)], dim=-1)
-
-    def _transform(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        k = self.n_bins
-        params = self.net(self._features(x)).reshape(x.shape[0], self.n_changed, self.n_params)
-        y = x.clone()
-        logdet = x.new_zeros(x.shape[0])
-        if len(self.changed_linear):
-            p = params[:, self.rows_linear]
-            out, ld = unconstrained_rq_spline(x[:, self.changed_linear], p[..., :k], p[..., k:2 * k],
-                                              p[..., 2 * k:3 * k - 1], inverse, self.bound)
-            y[:, self.changed_linear] = out
-            logdet = logdet + ld.sum(-1)
-        if len(self.changed_circular):
-            p = params[:, self.rows_circular]
-            out, ld = circular_rq_spline(x[:, self.changed_circular], p[..., :k], p[..., k:2 * k],
-                                         p[..., 2 * k:3 * k], inverse, shift=p[..., 3 * k])
-            y[:, self.changed_circular] = out
-            logdet = logdet + ld.sum(-1)
-        return y, logdet
-
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        self.check_input(z, "z")
-        return self._transform(z, inverse=False)
-
-    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self.check_input(x, "x")
-        return self._transform(x, inverse=True)
+        linear = RQSpline(n_bins, bound)
+        super().__init__(mask, partial(mlp, hidden=hidden, activation=activation, zero_last=True), linear,
+                         circular=circular, circular_transform=CircularRQSpline(n_bins), layout="rows")
+        self.n_bins, self.bound = linear.n_bins, linear.bound
+        self.n_params = self.row_width
 
 
 class NeuralSpline(SequentialFlow):
     """A stack of `n_couplings` RQ-spline couplings with alternating masks (a zuko-style preset).
 
-    `circular` (bool, length dim) marks angle features in [-pi, pi); every coupling uses it.
-    """
+    `circular` (bool, length dim) marks angle features in [-pi, pi); every coupling uses it. Give
+    the width as `dim` (and `circular`) or as a `space` (its circular mask)."""
 
     def __init__(
         self,
-        dim: int,
+        dim: int | None = None,
         n_couplings: int = 8,
         hidden: Sequence[int] = (128, 128),
         activation: str = "silu",
@@ -339,18 +346,33 @@ class NeuralSpline(SequentialFlow):
         split: str = "random",
         circular: Tensor | Sequence[bool] | None = None,
         seed: int = 0,
+        space: Space | None = None,
     ):
+        dim, circular = dim_and_circular("NeuralSpline", dim, circular, space, default_circular=False)
         if n_couplings < 1:
             raise ValueError(f"n_couplings must be >= 1, got {n_couplings}")
-        if circular is None:
-            circular = torch.zeros(int(dim), dtype=torch.bool)
-        circular = torch.as_tensor(circular, dtype=torch.bool)
-        if circular.shape != (int(dim),):
-            raise ValueError(
-                f"circular must be a bool mask of length dim={dim}, got shape {tuple(circular.shape)}"
-            )
         super().__init__(
             SplineCoupling(mask, hidden, activation, n_bins, bound, circular)
-            for mask in coupling_masks(int(dim), int(n_couplings), split, seed)
+            for mask in coupling_masks(dim, int(n_couplings), split, seed)
         )
         self.register_buffer("circular", circular.clone())
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_input(z, "z")
+        return super().forward(z)
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_input(x, "x")
+        return super().inverse(x)
+
+
+def neural_spline(space: Space, n_couplings: int = 8, hidden: Sequence[int] = (128, 128), activation: str = "silu",
+                  n_bins: int = 8, bound: float = 5.0, split: str = "random", seed: int = 0) -> NeuralSpline:
+    """NeuralSpline on a space: circular splines on its angle features, splines with identity tails
+    on the others (SpaceError for rigid bodies)."""
+    return NeuralSpline(n_couplings=n_couplings, hidden=hidden, activation=activation, n_bins=n_bins, bound=bound,
+                        split=split, seed=seed, space=space)
+
+
+__all__ = ["CircularRQSpline", "NeuralSpline", "RQSpline", "SplineCoupling", "circular_rq_spline", "neural_spline",
+           "rational_quadratic_spline", "unconstrained_rq_spline"]

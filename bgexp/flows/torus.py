@@ -49,28 +49,37 @@ the root-finding direction omit the curvature term F'' (dx/dtheta)^2 / F', so fo
 (`analytic="inverse"`) the closed form maps data to latent space, so log q(x), its score and the
 NLL/force-matching losses are exact to all orders, and sampling uses the root finder.
 
-**Couplings.** `SmoothCoupling` keeps the masked features and transforms the others: circular
-features by the mixture above (parameters from a conditioner that sees kept angles as cos, sin),
-other features by an affine map y = x exp(s) + t with s bounded by tanh; smooth activations only.
-`SmoothTorusFlow` is the preset: couplings with alternating masks.
+**Couplings.** `SmoothRamps` is the mixture above as an elementwise transform of the circle
+(bgexp/flows/transforms.py contract) that owns the analytic direction: with `analytic="forward"`
+its forward is the closed form and its inverse the root finder, with `analytic="inverse"` the
+other way round. `SmoothCoupling` is the one coupling (bgexp/flows/coupling.py) with it on the
+transformed circular features (parameters from a conditioner that sees kept angles as cos, sin)
+and an affine map y = x exp(s) + t, s bounded by tanh, on the other transformed features (inverted
+with the ramps, so that one direction is closed form throughout); smooth activations only.
+`SmoothTorusFlow` is the preset: couplings with alternating masks; `smooth_torus(space, ...)`
+builds it for a `Space` (its circular mask).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bgexp.flows.base import Flow, SequentialFlow
-from bgexp.flows.realnvp import coupling_masks, mlp
+from bgexp.flows.base import SequentialFlow
+from bgexp.flows.coupling import Coupling, dim_and_circular
+from bgexp.flows.nn import SMOOTH_ACTIVATIONS, coupling_masks, mlp
+from bgexp.flows.transforms import Affine, ElementwiseTransform, Inverse
 from bgexp.geometry import wrap_angle
+from bgexp.spaces import Space
 
 TWO_PI = 2.0 * math.pi
-SMOOTH_ACTIVATIONS = ("tanh", "silu", "gelu", "softplus")
+ANALYTIC = ("inverse", "forward")
 _T_EPS = 1e-6  # sigma is evaluated on [eps, 1 - eps]; outside, it equals 0 or 1 to exp(-alpha 1e6)
 
 
@@ -205,14 +214,54 @@ def circular_mask(circular: Tensor | Sequence[bool] | None, dim: int) -> Tensor:
     return mask
 
 
-class SmoothCoupling(Flow):
+def _check_analytic(analytic: str) -> str:
+    if analytic not in ANALYTIC:
+        raise ValueError(f"analytic must be 'inverse' or 'forward', got {analytic!r}")
+    return analytic
+
+
+class SmoothRamps(ElementwiseTransform):
+    """The K-ramp mixture with a circular shift as an elementwise transform of the circle [-pi, pi)
+    (module docstring). Parameters per feature (feature-major): 4K + 2 raw numbers
+    (`CircularMixtureParams.from_raw`). `analytic="forward"`: forward is the closed form
+    `smooth_circular_forward`, inverse the root finder `smooth_circular_inverse`;
+    `analytic="inverse"`: forward is the root finder and inverse the closed form."""
+
+    circular = True
+
+    def __init__(self, n_components: int = 8, min_slope: float = 0.05, analytic: str = "forward"):
+        super().__init__()
+        if int(n_components) != n_components or n_components < 1:
+            raise ValueError(f"n_components must be an integer >= 1, got {n_components}")
+        if not 0.0 < min_slope < 1.0:
+            raise ValueError(f"min_slope must be in (0, 1), got {min_slope}")
+        self.n_components, self.min_slope = int(n_components), float(min_slope)
+        self.analytic = _check_analytic(analytic)
+        self.n_params = 4 * self.n_components + 2
+
+    def extra_repr(self) -> str:
+        return f"n_components={self.n_components}, min_slope={self.min_slope}, analytic={self.analytic}"
+
+    def _call(self, theta: Tensor, params: Tensor, closed_form: bool) -> tuple[Tensor, Tensor]:
+        p = CircularMixtureParams.from_raw(params[..., :self.n_params], self.n_components, self.min_slope)
+        return (smooth_circular_forward if closed_form else smooth_circular_inverse)(theta, p)
+
+    def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._call(x, params, closed_form=self.analytic == "forward")
+
+    def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._call(y, params, closed_form=self.analytic == "inverse")
+
+
+class SmoothCoupling(Coupling):
     """One smooth coupling; `mask[i]` is True where feature i conditions (is kept).
 
     Transformed circular features (`circular[i]`) go through a K-ramp mixture with a circular shift
-    (see the module docstring); transformed linear features through y = x exp(s) + t with
-    s = b tanh(s_raw / b). The conditioner sees kept angles as (cos, sin). `analytic` names the
-    direction with the closed form: "inverse" (x -> z: density, NLL and force matching exact to all
-    orders; sampling by root finding) or "forward" (z -> x: sampling in closed form).
+    (`SmoothRamps`); transformed linear features through y = x exp(s) + t with s = b tanh(s_raw / b)
+    (`Affine`). The conditioner sees kept angles as (cos, sin). `analytic` names the direction with
+    the closed form: "inverse" (x -> z: density, NLL and force matching exact to all orders;
+    sampling by root finding) or "forward" (z -> x: sampling in closed form). Conditioner layout
+    ("blocks"): 2 n_lin affine numbers (shifts, then log-scales), then 4K + 2 per circular feature.
     """
 
     def __init__(
@@ -226,89 +275,34 @@ class SmoothCoupling(Flow):
         max_log_scale: float = 3.0,
         analytic: str = "inverse",
     ):
-        super().__init__()
         mask = torch.as_tensor(mask, dtype=torch.bool)
         if mask.dim() != 1 or mask.all() or not mask.any():
             raise ValueError("coupling mask must be 1-D with both kept and transformed entries")
-        self.dim = int(mask.numel())
-        circular = circular_mask(circular, self.dim)
+        circular = circular_mask(circular, int(mask.numel()))
         if activation not in SMOOTH_ACTIVATIONS:
             raise ValueError(f"a smooth coupling needs a smooth activation ({', '.join(SMOOTH_ACTIVATIONS)}), "
                              f"got {activation!r}")
-        if int(n_components) != n_components or n_components < 1:
-            raise ValueError(f"n_components must be an integer >= 1, got {n_components}")
-        if not 0.0 < min_slope < 1.0:
-            raise ValueError(f"min_slope must be in (0, 1), got {min_slope}")
-        if analytic not in ("inverse", "forward"):
-            raise ValueError(f"analytic must be 'inverse' or 'forward', got {analytic!r}")
-        self.n_components, self.min_slope = int(n_components), float(min_slope)
-        self.max_log_scale, self.analytic = float(max_log_scale), analytic
-        self.register_buffer("mask", mask.clone())
-        self.register_buffer("circular", circular.clone())
-        changed = ~mask
-        self.register_buffer("kept_linear", torch.nonzero(mask & ~circular).flatten())
-        self.register_buffer("kept_circular", torch.nonzero(mask & circular).flatten())
-        self.register_buffer("changed_linear", torch.nonzero(changed & ~circular).flatten())
-        self.register_buffer("changed_circular", torch.nonzero(changed & circular).flatten())
-        self.n_circ_params = 4 * self.n_components + 2
-        n_in = len(self.kept_linear) + 2 * len(self.kept_circular)
-        n_out = 2 * len(self.changed_linear) + self.n_circ_params * len(self.changed_circular)
-        self.net = mlp(n_in, n_out, hidden, activation, zero_last=True)
-
-    def _conditioner(self, x: Tensor) -> tuple[Tensor, Tensor, CircularMixtureParams | None]:
-        angles = x[:, self.kept_circular]
-        out = self.net(torch.cat([x[:, self.kept_linear], torch.cos(angles), torch.sin(angles)], dim=-1))
-        n_lin = len(self.changed_linear)
-        shift, raw_scale = out[:, :n_lin], out[:, n_lin:2 * n_lin]
-        log_scale = self.max_log_scale * torch.tanh(raw_scale / self.max_log_scale)
-        params = None
-        if len(self.changed_circular):
-            raw = out[:, 2 * n_lin:].reshape(x.shape[0], len(self.changed_circular), self.n_circ_params)
-            params = CircularMixtureParams.from_raw(raw, self.n_components, self.min_slope)
-        return shift, log_scale, params
-
-    def _transform(self, x: Tensor, closed_form: bool) -> tuple[Tensor, Tensor]:
-        """The closed-form map (closed_form=True) or its inverse, with the log-det of that map."""
-        shift, log_scale, params = self._conditioner(x)
-        pieces = []
-        logdet = x.new_zeros(x.shape[0])
-        if len(self.changed_linear):
-            v = x[:, self.changed_linear]
-            if closed_form:
-                pieces.append((self.changed_linear, v * torch.exp(log_scale) + shift))
-                logdet = logdet + log_scale.sum(-1)
-            else:
-                pieces.append((self.changed_linear, (v - shift) * torch.exp(-log_scale)))
-                logdet = logdet - log_scale.sum(-1)
-        if params is not None:
-            theta = x[:, self.changed_circular]
-            out, ld = (smooth_circular_forward if closed_form else smooth_circular_inverse)(theta, params)
-            pieces.append((self.changed_circular, out))
-            logdet = logdet + ld.sum(-1)
-        y = x.clone()
-        for index, values in pieces:
-            y = y.index_copy(1, index, values.to(y))
-        return y, logdet
-
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        self.check_input(z, "z")
-        return self._transform(z, closed_form=self.analytic == "forward")
-
-    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self.check_input(x, "x")
-        return self._transform(x, closed_form=self.analytic == "inverse")
+        ramps = SmoothRamps(n_components, min_slope, analytic)
+        affine = Affine(max_log_scale)
+        super().__init__(mask, partial(mlp, hidden=hidden, activation=activation, zero_last=True),
+                         affine if analytic == "forward" else Inverse(affine),
+                         circular=circular, circular_transform=ramps, layout="blocks")
+        self.n_components, self.min_slope = ramps.n_components, ramps.min_slope
+        self.max_log_scale, self.analytic = affine.max_log_scale, analytic
+        self.n_circ_params = ramps.n_params
 
 
 class SmoothTorusFlow(SequentialFlow):
     """A stack of `n_couplings` smooth couplings with alternating masks (a zuko-style preset).
 
     `circular` (bool, length dim) marks angle features in [-pi, pi); None means every feature is
-    an angle (a flow on the torus T^dim). Pair it with `TorusPrior(dim, circular)`.
+    an angle (a flow on the torus T^dim). Pair it with `TorusPrior(dim, circular)`. Given a
+    `space` instead, the width and the circular mask are the space's.
     """
 
     def __init__(
         self,
-        dim: int,
+        dim: int | None = None,
         n_couplings: int = 6,
         hidden: Sequence[int] = (128, 128),
         activation: str = "silu",
@@ -319,13 +313,37 @@ class SmoothTorusFlow(SequentialFlow):
         circular: Tensor | Sequence[bool] | None = None,
         analytic: str = "inverse",
         seed: int = 0,
+        space: Space | None = None,
     ):
+        dim, circular = dim_and_circular("SmoothTorusFlow", dim, circular, space, default_circular=True)
         if n_couplings < 1:
             raise ValueError(f"n_couplings must be >= 1, got {n_couplings}")
-        dim = int(dim)
-        circular = circular_mask(circular, dim)
         super().__init__(
             SmoothCoupling(mask, circular, hidden, activation, n_components, min_slope, max_log_scale, analytic)
             for mask in coupling_masks(dim, int(n_couplings), split, seed)
         )
         self.register_buffer("circular", circular.clone())
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_input(z, "z")
+        return super().forward(z)
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_input(x, "x")
+        return super().inverse(x)
+
+
+def smooth_torus(space: Space, n_couplings: int = 6, hidden: Sequence[int] = (128, 128), activation: str = "silu",
+                 n_components: int = 8, min_slope: float = 0.05, max_log_scale: float = 3.0, split: str = "alternate",
+                 analytic: str = "inverse", seed: int = 0) -> SmoothTorusFlow:
+    """SmoothTorusFlow on a space: ramp mixtures on its circular features, affine maps on the
+    others (SpaceError for rigid bodies). A space without circular features is accepted (affine
+    couplings only) but is a RealNVP in disguise."""
+    return SmoothTorusFlow(n_couplings=n_couplings, hidden=hidden, activation=activation, n_components=n_components,
+                           min_slope=min_slope, max_log_scale=max_log_scale, split=split, analytic=analytic,
+                           seed=seed, space=space)
+
+
+__all__ = ["CircularMixtureParams", "RootFindingError", "SmoothCoupling", "SmoothRamps", "SmoothTorusFlow",
+           "circular_mixture", "invert_circular", "smooth_circular_forward", "smooth_circular_inverse",
+           "smooth_step", "smooth_torus"]

@@ -105,7 +105,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bgexp.geometry import optimal_rotation, wrap_into_box
+from bgexp.geometry import as_box, optimal_rotation, wrap_into_box
 from bgexp.quaternions import from_matrix, to_matrix
 from bgexp.spaces import Space
 from bgexp.targets.openmm import OpenMMTarget, openmm_energy
@@ -404,13 +404,6 @@ def _inertia(r: np.ndarray, masses: np.ndarray) -> np.ndarray:
 TIP4PEW = RigidWater()
 
 
-def _as_box(box, like: Tensor) -> Tensor:
-    b = torch.as_tensor(box, dtype=like.dtype, device=like.device)
-    if b.shape != (3,) or not bool((b > 0).all()):
-        raise ValueError(f"box must be 3 positive edge lengths (nm), got {b.tolist() if b.numel() <= 9 else b.shape}")
-    return b
-
-
 def rigid_to_atoms(com: Tensor, q: Tensor, water: RigidWater = TIP4PEW) -> Tensor:
     """Site positions [B, n, 4, 3] (O, H1, H2, M; nm) = com + R(q) b of centres of mass com [B, n, 3]
     (nm) and unit quaternions q [B, n, 4] (w, x, y, z). Even in q; differentiable."""
@@ -442,7 +435,7 @@ def atoms_to_rigid(positions: Tensor, box=None, wrap: bool = True,
                          f"or [batch, n_molecules, 3, 3], got {tuple(positions.shape)}")
     x = positions[:, :, :3, :]
     if box is not None:
-        b = _as_box(box, x)
+        b = as_box(box, x)
         d = x[:, :, 1:] - x[:, :, :1]
         x = torch.cat([x[:, :, :1], x[:, :, :1] + d - torch.round(d / b) * b], dim=2)
     masses = torch.as_tensor(water.masses, dtype=x.dtype, device=x.device)
