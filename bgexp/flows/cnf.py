@@ -41,6 +41,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from bgexp.flows._space import as_space
 from bgexp.flows.base import Flow
 from bgexp.flows.integrators import ODEIntegrator
 from bgexp.flows.nn import mlp
@@ -262,8 +263,7 @@ def particles_of(space: Space, family: str, n_particles: int | None = None, spat
                  dim: int | None = None) -> tuple[int, int]:
     """(particles, spatial_dim) of a particle space, checked against what is given; SpaceError for a
     space that is not one, or that disagrees."""
-    if not isinstance(space, Space):
-        raise SpaceError(f"{family} expects `space` to be a bgexp.spaces.Space, got {type(space).__name__}")
+    space = as_space(space, family)
     if not space.is_particles:
         raise SpaceError(f"{family} expects a particle space (particles x spatial_dim), got {space.describe()}")
     if space.has_circular or space.is_rigid_bodies:

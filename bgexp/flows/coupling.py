@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from bgexp.flows._space import as_space
 from bgexp.flows.base import Flow
 from bgexp.flows.nn import circular_embedding, embedding_width
 from bgexp.flows.transforms import ElementwiseTransform
@@ -199,8 +200,7 @@ def dim_and_circular(family: str, dim, circular, space: Space | None, default_ci
         if circular.shape != (dim,):
             raise ValueError(f"circular must be a bool mask of length dim={dim}, got shape {tuple(circular.shape)}")
         return dim, circular
-    if not isinstance(space, Space):
-        raise SpaceError(f"{family} expects `space` to be a bgexp.spaces.Space, got {type(space).__name__}")
+    space = as_space(space, family)
     if space.is_rigid_bodies:
         raise SpaceError(f"{family} expects a space of linear and circular features, got rigid bodies "
                          f"({space.describe()}); use bgexp.flows.rigid.rigid_body_flow")

@@ -13,13 +13,12 @@ import math
 import torch
 from torch import Tensor, nn
 
+from bgexp.flows._space import as_space
 from bgexp.spaces import Space, SpaceError
 
 
 def _check_space(space, prior: str) -> Space:
-    if not isinstance(space, Space):
-        raise SpaceError(f"{prior} expects `space` to be a bgexp.spaces.Space, got {type(space).__name__}")
-    return space
+    return as_space(space, prior)
 
 
 def _dim_from(prior: str, dim: int | None, space: Space | None) -> int:
@@ -43,6 +42,9 @@ class NormalPrior(nn.Module):
     def __init__(self, dim: int | None = None, temperature: float = 1.0, space: Space | None = None):
         super().__init__()
         dim = _dim_from("NormalPrior", dim, space)
+        if space is not None and space.has_circular:
+            raise SpaceError(f"NormalPrior is a density on R^d, the space has {sum(space.circular)} circular "
+                             f"features (use TorusPrior, or squeeze them with the bounded_torsions layer)")
         if dim < 1:
             raise ValueError(f"prior dim must be >= 1, got {dim}")
         if temperature <= 0:
@@ -76,6 +78,7 @@ class TorusPrior(nn.Module):
     def __init__(self, dim: int | None = None, circular: Tensor | list[bool] | None = None,
                  space: Space | None = None):
         super().__init__()
+        space = None if space is None else as_space(space, "TorusPrior")
         dim = _dim_from("TorusPrior", dim, space)
         if space is not None:  # the space's circular features (a space without any: a normal prior)
             mask = space.circular_mask()

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from bgexp.flows._space import as_space
 from bgexp.flows.base import SequentialFlow
 from bgexp.flows.coupling import Coupling
 from bgexp.flows.nn import ACTIVATIONS, coupling_masks, mlp  # noqa: F401 - mlp, coupling_masks: old import path
@@ -51,8 +52,7 @@ def _euclidean_dim(family: str, dim: int | None, space: Space | None) -> int:
         if dim is None:
             raise ValueError(f"{family} needs `dim` or `space`")
         return int(dim)
-    if not isinstance(space, Space):
-        raise SpaceError(f"{family} expects `space` to be a bgexp.spaces.Space, got {type(space).__name__}")
+    space = as_space(space, family)
     if dim is not None and int(dim) != space.dim:
         raise SpaceError(f"{family}: dim={dim} does not match the space ({space.describe()})")
     if space.has_circular:

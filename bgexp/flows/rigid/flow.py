@@ -28,6 +28,7 @@ import math
 import torch
 from torch import Tensor
 
+from bgexp.flows._space import as_space
 from bgexp.flows.base import Flow, SequentialFlow
 from bgexp.flows.nn import MoleculeTransformer
 from bgexp.flows.rigid.rotation import ConvexRotation
@@ -280,8 +281,7 @@ def _molecules_and_box(n_molecules, box, space: Space | None):
         if n_molecules is None or box is None:
             raise ValueError("RigidBodyFlow needs `n_molecules` and `box`, or a rigid-body `space`")
         return n_molecules, box
-    if not isinstance(space, Space):
-        raise SpaceError(f"RigidBodyFlow expects `space` to be a bgexp.spaces.Space, got {type(space).__name__}")
+    space = as_space(space, "RigidBodyFlow")
     if not space.is_rigid_bodies:
         raise SpaceError(f"RigidBodyFlow expects a rigid-body space (molecules and a periodic box, "
                          f"{MOLECULE_FEATURES} numbers per molecule), got {space.describe()}")
