@@ -16,7 +16,7 @@ pytest.importorskip("torchdyn", reason="torchdyn is installed with `pip install 
 from bgexp.flows.cnf import EquivariantCNF  # noqa: E402
 from bgexp.flows.priors import MeanFreeNormalPrior  # noqa: E402
 from bgexp.targets.particles import DoubleWell4  # noqa: E402
-from bgexp.training.evaluation import evaluate, wasserstein_1  # noqa: E402
+from bgexp.evaluation import evaluate, wasserstein_1  # noqa: E402
 from bgexp.training.flow_matching import FlowMatchingLoss  # noqa: E402
 from bgexp.training.module import BoltzmannGenerator  # noqa: E402
 

@@ -14,7 +14,7 @@ width (a coordinate transform that removes rigid-body motion, R^{3N-6} -> R^{3N}
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -126,3 +126,15 @@ class AffineStandardization(Flow):
         self.check_input(x, "x")
         logdet = -torch.log(self.std).sum().to(x).expand(x.shape[0])
         return (x - self.mean.to(x)) / self.std.to(x), logdet
+
+
+@runtime_checkable
+class ContinuousFlow(Protocol):
+    """A flow defined by an ODE dx/dt = v(t, x) (a continuous normalizing flow, Chen et al.,
+    NeurIPS 2018): `velocity(t, x) -> [B, D]` is the bare vector field (what flow matching trains,
+    Lipman et al., ICLR 2023), `nfe` the number of field evaluations of the last solve (the cost
+    evaluation reports per sample). Who has it: EquivariantCNF."""
+
+    nfe: int
+
+    def velocity(self, t: Tensor | float, x: Tensor) -> Tensor: ...

@@ -32,11 +32,12 @@ before the cut (their gradient is zero), never dropped silently.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from bgexp.evaluation.metrics import force_matching_error  # noqa: F401  (moved to evaluation; re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     from bgexp.training.module import BoltzmannGenerator
@@ -195,29 +196,3 @@ class JointLoss:
             metrics["kl"] = float(kl.detach())
             metrics.update(stats)
         return loss, metrics
-
-
-def force_matching_error(bg: "BoltzmannGenerator", x: Tensor, f: Tensor, batch_size: int = 1024) -> dict[str, float]:
-    """How well the flow's score matches the data's reduced forces f = -grad_x u(x).
-
-    force_rmse = sqrt(mean over samples and coordinates of (grad_x log q(x) - f)^2) (the square
-    root of L_FM of Koehler, Kraemer, Noe, "Smooth Normalizing Flows", NeurIPS 2021), and
-    force_rmse_relative = force_rmse / sqrt(mean f^2) (1 for a flow with zero score, 0 for a
-    perfect one). Evaluated in batches without create_graph, sums accumulated in float64; works
-    under torch.no_grad and inference mode.
-    """
-    if x.shape != f.shape:
-        raise ValueError(f"forces of shape {tuple(f.shape)} do not match the data of shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError("force_matching_error needs at least one sample")
-    squared_error, squared_force = 0.0, 0.0  # Python floats: float64 sums (also safe in inference mode)
-    with torch.inference_mode(False), torch.enable_grad():
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size].to(bg.device).clone().requires_grad_(True)
-            fb = f[start : start + batch_size].to(bg.device).clone()
-            (score,) = torch.autograd.grad(bg.log_prob(xb).sum(), xb)
-            squared_error += float(((score.detach().double() - fb.double()) ** 2).sum())
-            squared_force += float((fb.double() ** 2).sum())
-    rmse = math.sqrt(squared_error / x.numel())
-    scale = math.sqrt(squared_force / x.numel())
-    return {"force_rmse": rmse, "force_rmse_relative": rmse / scale if scale > 0 else float("nan")}
