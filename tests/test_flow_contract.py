@@ -223,3 +223,97 @@ def test_wrong_width_raises_a_named_error(name):
         flow.forward(torch.zeros(2, width_in + 1))
     with pytest.raises(ValueError, match=rf"\[batch, {width_out}\]"):
         flow.inverse(torch.zeros(2, width_out + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# factories on a Space, priors from a Space, checkpoints of the per-family couplings
+# ---------------------------------------------------------------------------------------------
+
+def test_factories_take_what_they_need_from_the_space():
+    from bgexp.flows.cnf import equivariant_cnf
+    from bgexp.flows.realnvp import realnvp
+    from bgexp.flows.rigid import rigid_body_flow
+    from bgexp.flows.splines import neural_spline
+    from bgexp.flows.torus import smooth_torus
+
+    assert realnvp(Space(4), n_couplings=2, hidden=(4,)).dim == 4
+    spline = neural_spline(Space(4, (True, False, False, True)), n_couplings=2, hidden=(4,))
+    assert spline.circular.tolist() == [True, False, False, True]
+    smooth = smooth_torus(Space(3, (False, True, True)), n_couplings=2, hidden=(4,), n_components=2)
+    assert smooth.layers[0].circular.tolist() == [False, True, True]
+    cnf = equivariant_cnf(Space(8, particles=4, spatial_dim=2), hidden=4, n_layers=1)
+    assert (cnf.n_particles, cnf.spatial_dim) == (4, 2)
+    rigid = rigid_body_flow(Space(21, molecules=3, box=BOX), n_blocks=1, hidden=4, n_heads=2, n_layers=1)
+    assert rigid.n_molecules == 3 and rigid.box.tolist() == list(BOX)
+
+
+def test_a_family_that_cannot_act_on_the_space_raises_a_space_error():
+    from bgexp.flows.cnf import equivariant_cnf
+    from bgexp.flows.realnvp import realnvp
+    from bgexp.flows.rigid import rigid_body_flow
+    from bgexp.flows.splines import neural_spline
+    from bgexp.spaces import SpaceError
+
+    rigid_space = Space(14, molecules=2, box=BOX)
+    with pytest.raises(SpaceError, match="without circular features"):
+        realnvp(Space(4, (True, False, False, False)))
+    with pytest.raises(SpaceError, match="rigid"):
+        realnvp(rigid_space)
+    with pytest.raises(SpaceError, match="rigid"):
+        neural_spline(rigid_space)
+    with pytest.raises(SpaceError, match="particle space"):
+        equivariant_cnf(Space(6))
+    with pytest.raises(SpaceError, match="spatial_dim=3"):
+        equivariant_cnf(Space(6, particles=3, spatial_dim=2), spatial_dim=3)
+    with pytest.raises(SpaceError, match="rigid-body space"):
+        rigid_body_flow(Space(14))
+    with pytest.raises(SpaceError, match="bgexp.spaces.Space"):
+        realnvp("not a space")
+
+
+def test_priors_from_a_space():
+    from bgexp.flows.priors import MeanFreeNormalPrior, NormalPrior, TorusPrior
+    from bgexp.spaces import SpaceError
+
+    assert NormalPrior(space=Space(3)).dim == 3
+    torus = TorusPrior(space=Space(3, (True, False, True)))
+    assert torus.circular.tolist() == [True, False, True]
+    assert torus.log_prob(torus.sample(4)).shape == (4,)
+    prior = instantiate({"_target_": "bgexp.flows.MeanFreeNormalPrior"}, space=Space(6, particles=3, spatial_dim=2))
+    assert (prior.n_particles, prior.spatial_dim, prior.dim) == (3, 2, 6)
+    assert MeanFreeNormalPrior(dim=6, spatial_dim=3).n_particles == 2  # the old arguments still work
+    with pytest.raises(SpaceError, match="particle space"):
+        MeanFreeNormalPrior(space=Space(6))
+    with pytest.raises(SpaceError, match="circular"):
+        TorusPrior(circular=[True, True, True], space=Space(3, (True, False, True)))
+
+
+@pytest.mark.parametrize("family", ["realnvp", "spline", "smooth"])
+def test_checkpoints_of_the_per_family_couplings_still_load(family):
+    """Before the one coupling, AffineCoupling saved `kept` and `changed`, SplineCoupling and
+    SmoothCoupling their index buffers; they load strictly into the one coupling."""
+    from bgexp.flows.torus import SmoothTorusFlow
+
+    torch.manual_seed(0)
+    flow = {"realnvp": lambda: RealNVP(5, 2, (4,), split="alternate"),
+            "spline": lambda: NeuralSpline(5, 2, (4,), n_bins=3, circular=[True, False, True, False, False]),
+            "smooth": lambda: SmoothTorusFlow(5, 2, (4,), n_components=2)}[family]()
+    state = flow.state_dict()
+    for k, layer in enumerate(flow.layers):
+        mask, circular = state.pop(f"layers.{k}.mask"), state[f"layers.{k}.circular"]
+        if family == "realnvp":
+            state.pop(f"layers.{k}.circular")
+            state[f"layers.{k}.kept"], state[f"layers.{k}.changed"] = layer.kept_linear, layer.changed_linear
+        else:
+            state[f"layers.{k}.mask"] = mask
+            for name in ("kept_linear", "kept_circular", "changed_linear", "changed_circular"):
+                state[f"layers.{k}.{name}"] = getattr(layer, name)
+    torch.manual_seed(1)
+    fresh = type(flow)(5, 2, (4,), **({"n_bins": 3, "circular": [True, False, True, False, False]}
+                                      if family == "spline" else {"n_components": 2} if family == "smooth"
+                                      else {"split": "alternate"}))
+    fresh.load_state_dict(state, strict=True)
+    for a, b in zip(fresh.layers, flow.layers):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.changed_circular, b.changed_circular)
+    z = torch.rand(3, 5) * 2 - 1
+    assert torch.equal(fresh.inverse(z)[0], flow.inverse(z)[0])

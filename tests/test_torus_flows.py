@@ -191,13 +191,12 @@ def test_coupling_logdets_equal_brute_force_and_invert(analytic):
     assert torch.equal(z[:, :2], x[:, :2])  # the kept features pass unchanged
 
 
-def test_torus_flow_logdet_inverse_and_periodicity():
+def test_torus_flow_is_periodic():
+    # (log-det against the brute-force Jacobian and the round trip of the preset: the smooth_torus
+    # entry of tests/test_flow_contract.py)
     flow = randomize(SmoothTorusFlow(4, n_couplings=4, hidden=(16,), n_components=K).double(), 0.3)
     z = (torch.rand(8, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2 - 1) * math.pi
     x, ld = flow.forward(z)
-    assert torch.allclose(ld, brute_force_logdet(flow.forward, z), atol=1e-8)
-    back, ld_inv = flow.inverse(x)
-    assert wrap_angle(back - z).abs().max() < 1e-9 and (ld + ld_inv).abs().max() < 1e-9
     # a full turn of any input angle changes nothing: the map lives on the torus
     shifted = z + 2 * math.pi * torch.tensor([1.0, -1.0, 0.0, 2.0], dtype=torch.float64)
     xs, lds = flow.forward(shifted)
