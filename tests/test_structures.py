@@ -133,6 +133,24 @@ def test_ala2_geometry_and_torsions():
     assert d.min() >= 0.1 - 1e-9
 
 
+def test_nerf_places_atoms_with_the_given_internal_coordinates():
+    """The numpy face of bgexp.geometry.nerf: d bonded to c, angle(b, c, d), torsion(a, b, c, d) in degrees."""
+    import torch
+
+    from bgexp.geometry import bond_angles, dihedrals
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b, c = rng.normal(size=(3, 3))
+        bond, angle, torsion = 0.1 + rng.random(), 10 + 160 * rng.random(), -179 + 358 * rng.random()
+        d = st.nerf(a, b, c, bond, angle, torsion)
+        assert d.shape == (3,) and d.dtype == np.float64
+        assert np.linalg.norm(d - c) == pytest.approx(bond, abs=1e-12)
+        t = [torch.from_numpy(v) for v in (a, b, c, d)]
+        assert np.degrees(float(bond_angles(t[1], t[2], t[3]))) == pytest.approx(angle, abs=1e-9)
+        assert np.degrees(float(dihedrals(*t))) == pytest.approx(torsion, abs=1e-9)
+
+
 def test_ala2_is_l_alanine(ala2):
     for pos in (ala2["pos"], ala2["pos_min"]):
         idx = _index(ala2["top"])

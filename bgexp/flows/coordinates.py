@@ -41,9 +41,9 @@ measure of SO(3) (total mass 8 pi^2; in exponential coordinates omega it is
     d^(3N) x = r_ab^2 y_c  d^3 t  dR_Haar  d(body coordinates) ...,
 
 and log(r_ab^2 y_c) is the (configuration-dependent) log-det of body -> x modulo rigid motion.
-The NeRF term: x_i = x_j + b (-cos a e_1 + sin a cos t e_2 + sin a sin t e_3) is a spherical
-parametrisation about x_j (polar angle pi - a), so |det dx_i / d(b, a, t)| = b^2 sin a; the
-atoms are placed in order, so the Jacobian is block triangular and the log-dets add up.
+The NeRF term: `bgexp.geometry.nerf` places x_i in spherical coordinates about x_j (polar angle
+pi - a), so |det dx_i / d(b, a, t)| = b^2 sin a; the atoms are placed in order, so the Jacobian
+is block triangular and the log-dets add up.
 """
 
 from __future__ import annotations
@@ -60,33 +60,9 @@ from torch import Tensor
 from bgexp.flows.base import Flow
 from bgexp.geometry import bond_angles, bond_lengths, dihedrals
 from bgexp.geometry import dot as _dot
-from bgexp.geometry import norm as _norm
+from bgexp.geometry import nerf as place_atoms  # NeRF placement (part of this module's API)
 from bgexp.geometry import normalize as _normalize
 from bgexp.geometry import superpose  # noqa: F401 (part of this module's API)
-
-# --------------------------------------------------------------------------------------------
-# Geometry helpers (batched over leading dimensions, differentiable, any float dtype/device)
-# --------------------------------------------------------------------------------------------
-
-
-def place_atoms(
-    xj: Tensor, xk: Tensor, xl: Tensor, bond: Tensor, angle: Tensor, torsion: Tensor
-) -> Tensor:
-    """NeRF placement (Parsons et al., J. Comput. Chem. 2005): the point x_i with
-    |x_i - x_j| = bond, angle(x_i, x_j, x_k) = angle and dihedral(x_i, x_j, x_k, x_l) = torsion.
-
-    Reference points have shape [..., 3], the internal coordinates shape [...]. With the frame
-    e_1 = (x_j - x_k)/|x_j - x_k|, n = e_1 x (x_l - x_k)/|...| and e_2 = n x e_1 (the direction
-    of x_l seen from the k-j axis):
-        x_i = x_j + bond (-cos(angle) e_1 + sin(angle) (cos(torsion) e_2 + sin(torsion) n)).
-    """
-    e1 = _normalize(xj - xk)
-    n = _normalize(torch.linalg.cross(e1, xl - xk))
-    e2 = torch.linalg.cross(n, e1)
-    b, a, t = bond.unsqueeze(-1), angle.unsqueeze(-1), torsion.unsqueeze(-1)
-    sin_a = torch.sin(a)
-    return xj + b * (-torch.cos(a) * e1 + sin_a * (torch.cos(t) * e2 + torch.sin(t) * n))
-
 
 # --------------------------------------------------------------------------------------------
 # Z-matrix

@@ -29,7 +29,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +36,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+import torch
+
+from bgexp import geometry
+from bgexp.atomic import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     import openmm
@@ -131,16 +134,13 @@ def _zmatrix(phi: float, psi: float) -> list[tuple[str, str, str, str, float, fl
 
 def nerf(a: np.ndarray, b: np.ndarray, c: np.ndarray, bond: float, angle_deg: float,
          torsion_deg: float) -> np.ndarray:
-    """Natural extension reference frame: the position d with |c d| = bond, angle(b, c, d) =
-    angle_deg and torsion(a, b, c, d) = torsion_deg (IUPAC sign convention)."""
-    theta, tau = np.radians(angle_deg), np.radians(torsion_deg)
-    bc = c - b
-    bc /= np.linalg.norm(bc)
-    n = np.cross(b - a, bc)
-    n /= np.linalg.norm(n)
-    m = np.cross(n, bc)
-    d_local = bond * np.array([-np.cos(theta), np.sin(theta) * np.cos(tau), np.sin(theta) * np.sin(tau)])
-    return c + d_local[0] * bc + d_local[1] * m + d_local[2] * n
+    """`bgexp.geometry.nerf` on numpy points (float64) with angles in degrees: the position d with
+    |c d| = bond, angle(b, c, d) = angle_deg and torsion(a, b, c, d) = torsion_deg."""
+    def f64(v) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(v, dtype=np.float64))
+
+    return geometry.nerf(f64(c), f64(b), f64(a), f64(bond), f64(np.radians(angle_deg)),
+                         f64(np.radians(torsion_deg))).numpy()
 
 
 def _nerf_place_all(zmat) -> dict[str, np.ndarray]:
@@ -360,18 +360,6 @@ def _decode(data: bytes, gz: bool, where: str) -> str:
         raise StructureError(f"cannot decompress {where}: {exc}") from exc
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _packaged_structure(pdb_id: str) -> bytes | None:
     from importlib import resources
 
@@ -411,7 +399,7 @@ def _fetch_pdb_id(pdb_id: str, cache_dir: Path | None, timeout: float) -> _RawSt
     if "_atom_site" not in text:
         raise StructureError(f"the download of PDB id {pdb_id} from {url} is not an mmCIF file with atoms")
     if cache_dir is not None:
-        _atomic_write_bytes(cache_dir / f"{pdb_id}.cif.gz", gzip.compress(text.encode()))
+        atomic_write(cache_dir / f"{pdb_id}.cif.gz", gzip.compress(text.encode()))
     return _RawStructure(text, "cif", pdb_id, f"PDB id {pdb_id} (downloaded from {url})")
 
 
@@ -681,8 +669,8 @@ def prepare_protein(
 
     import openmm
 
-    _atomic_write_bytes(pdb_path, _write_pdb(topology, positions).encode())
-    _atomic_write_bytes(xml_path, openmm.XmlSerializer.serialize(system).encode())
+    atomic_write(pdb_path, _write_pdb(topology, positions))
+    atomic_write(xml_path, openmm.XmlSerializer.serialize(system))
     topology, positions, system = _load_cache(pdb_path, xml_path)
     return PreparedStructure(topology, positions, system, pdb_path, xml_path, src, ff_files)
 
