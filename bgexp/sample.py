@@ -1,17 +1,15 @@
-"""`bgexp-sample run_dir=<run folder> n_samples=N`: write N flow samples with their log-weights.
+"""`bgexp-sample run_dir=<run folder> n_samples=N`: write N samples of a run's model with their log-weights.
 
-The .npz holds x [N, dim], log_q (flow log-density), energy (reduced, kT) and
-log_w = -energy - log_q (importance log-weights toward the Boltzmann density).
+For a Boltzmann-generator run the .npz holds x [N, dim], log_q (flow log-density), energy
+(reduced, kT) and log_w = -energy - log_q (importance log-weights toward the Boltzmann density).
+Tasks without a model to sample from (targeted FEP) refuse with UnsupportedOperationError.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import hydra
-import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from bgexp.train import CONFIG_DIR
@@ -19,20 +17,13 @@ from bgexp.train import CONFIG_DIR
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from bgexp.estimators import ess, log_weights
-    from bgexp.training.evaluation import draw_samples
-    from bgexp.training.run import load_run
+    from bgexp.training.assemble import load_run_config
+    from bgexp.training.tasks import build_task
 
     if cfg.n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {cfg.n_samples}")
-    _, model, _ = load_run(cfg.run_dir, cfg.checkpoint)
-    generator = torch.Generator().manual_seed(int(cfg.seed))
-    x, log_q, u = draw_samples(model, int(cfg.n_samples), int(cfg.batch_size), generator)
-    log_w = log_weights(u, log_q)
-    out = Path(cfg.out) if cfg.out else Path(cfg.run_dir) / f"samples-{time.strftime('%Y%m%d-%H%M%S')}.npz"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, x=x.numpy(), log_q=log_q.double().numpy(), energy=u.double().numpy(), log_w=log_w)
-    print(f"wrote {len(x)} samples (ESS {100 * ess(log_w):.2f}%) to {out}", flush=True)
+    task = build_task(load_run_config(cfg.run_dir))
+    task.sample_run(Path(cfg.run_dir), cfg)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`bgexp-summarize <folder>`: gather the results.json files of a sweep into a table and plots.
 
 Every run folder below <folder> that holds a `config.yaml` (written by bgexp-train) is one row;
-a run without `results.json` is reported as failed. The columns are the config keys whose values
+a run without `results.json` is reported as failed, one whose results.json breaks the results schema
+(bgexp/training/artifacts.py) as damaged. The columns are the config keys whose values
 differ between runs (the swept hyperparameters, dotted names), the seed, and the metrics: ESS,
 every Delta F with its confidence interval and error against the reference, held-out NLL,
 energy evaluations and wall time. Writes `summary.csv` and `summary.md`, and for every swept
@@ -21,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bgexp.training.artifacts import RESULTS_FILE, read_results
+from bgexp.training.errors import ResultsError
 
 IGNORED_KEYS = ("hydra", "paths", "logger", "seed", "experiment_name", "tags")
 
@@ -45,9 +49,14 @@ def load_runs(folder: Path) -> list[dict[str, Any]]:
         if run_dir.name == ".hydra":
             continue
         config = flatten(yaml.safe_load(config_path.read_text()) or {})
-        results_path = run_dir / "results.json"
-        results = json.loads(results_path.read_text()) if results_path.is_file() else None
-        runs.append({"run_dir": run_dir, "config": config, "results": results})
+        results_path = run_dir / RESULTS_FILE
+        results, problem = None, "failed (no results.json)"
+        if results_path.is_file():
+            try:  # one damaged file is one row marked damaged, not an aborted table
+                results = read_results(results_path).to_dict()
+            except ResultsError as err:
+                problem = f"damaged results.json ({err})"
+        runs.append({"run_dir": run_dir, "config": config, "results": results, "problem": problem})
     return runs
 
 
@@ -69,7 +78,7 @@ def row_of(run: dict[str, Any], keys: list[str], folder: Path) -> dict[str, Any]
     row.update({key: run["config"].get(key) for key in keys})
     row["seed"] = run["config"].get("seed")
     results = run["results"]
-    row["status"] = "ok" if results is not None else "failed (no results.json)"
+    row["status"] = "ok" if results is not None else run.get("problem", "failed (no results.json)")
     if results is None:
         return row
     row["ess"] = results.get("ess")

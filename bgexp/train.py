@@ -10,9 +10,7 @@ fails exits with the error.
 
 from __future__ import annotations
 
-import json
 import logging
-import traceback
 from pathlib import Path
 
 import hydra
@@ -30,21 +28,18 @@ def _is_optuna() -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from bgexp.training.run import objective, run_dir_of, train
+    from bgexp.training.artifacts import objective
+    from bgexp.training.run import run_dir_of, run_experiment, write_failure
 
     try:
-        results = train(cfg)
+        results = run_experiment(cfg)
     except Exception as err:
         from bgexp.training.launch import UnsupportedLaunchError, is_multirun
 
         if not is_multirun() or isinstance(err, UnsupportedLaunchError):
             raise  # a single run, or a sweep that cannot work at all (every member would fail alike)
-        run_dir = run_dir_of(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "failed.json").write_text(json.dumps(
-            {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}, indent=2))
-        log.error("this sweep member failed (%s: %s); the sweep goes on. Details: %s",
-                  type(err).__name__, err, run_dir / "failed.json")
+        path = write_failure(cfg, err)
+        log.error("this sweep member failed (%s: %s); the sweep goes on. Details: %s", type(err).__name__, err, path)
         if _is_optuna():
             raise  # optuna 2.x rejects NaN values; a raised trial is recorded as FAIL and the search goes on
         return float("nan")

@@ -95,7 +95,7 @@ def compose_cfg(args, output_dir: Path):
 
 
 def measure(args, processes: int, work: Path) -> dict:
-    from bgexp.training.run import build_datamodule, build_model, build_target
+    from bgexp.training.assemble import build_datamodule, build_model, build_target
 
     out = work / f"p{processes}"
     out.mkdir(parents=True, exist_ok=True)

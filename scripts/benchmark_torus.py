@@ -92,7 +92,7 @@ def step_times(system: str, overrides: list[str], n_steps: int = 30, rounds: int
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from bgexp.training.run import build_datamodule, build_model, build_target
+    from bgexp.training.assemble import build_datamodule, build_model, build_target
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     models, batches, targets = {}, {}, []

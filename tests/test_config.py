@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from bgexp.flows import NormalPrior, SequentialFlow
 from bgexp.targets import DimerTarget
 from bgexp.train import CONFIG_DIR
-from bgexp.training.run import build_logger, build_model, build_target, config_hash
+from bgexp.training.artifacts import config_hash
+from bgexp.training.assemble import build_logger, build_model, build_target
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
@@ -36,7 +37,7 @@ def test_every_experiment_builds(experiment, tmp_path):
     target = build_target(cfg)
     try:
         if cfg.get("tfep"):  # targeted FEP: a flow between two states in the target's rigid-body coordinates
-            from bgexp.training.tfep_run import build_tfep_flow
+            from bgexp.training.tasks.tfep import build_tfep_flow
 
             flow = build_tfep_flow(cfg, target)
             x = target.to_rigid(torch.as_tensor(target.positions).reshape(1, -1)).float().repeat(4, 1)

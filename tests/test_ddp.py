@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 
 from bgexp.train import CONFIG_DIR
 from bgexp.training.launch import check_parallel_launch, is_multirun, relaunches_script
-from bgexp.training.run import build_datamodule, build_model, build_target
+from bgexp.training.assemble import build_datamodule, build_model, build_target
 
 from helpers import TINY, run_cli
 

@@ -18,7 +18,9 @@ from bgexp.train import CONFIG_DIR
 from bgexp.training.data import DataError, TargetDataModule
 from bgexp.training.losses import JointLoss, linlog_cut
 from bgexp.training.module import BoltzmannGenerator, NonFiniteLossError
-from bgexp.training.run import ConfigError, build_model, build_target, check_checkpoint_config
+from bgexp.training.artifacts import check_checkpoint_config
+from bgexp.training.assemble import build_model, build_target
+from bgexp.training.errors import ConfigError
 
 
 def compose_cfg(overrides=()):
@@ -121,7 +123,7 @@ def test_checkpoint_from_another_configuration():
 
 
 def test_corrupt_checkpoint(tmp_path):
-    from bgexp.training.run import read_checkpoint
+    from bgexp.training.artifacts import read_checkpoint
 
     bad = tmp_path / "last.ckpt"
     bad.write_bytes(b"garbage")

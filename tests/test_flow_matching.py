@@ -104,8 +104,12 @@ def test_minibatch_ot_pairing_is_optimal_and_a_permutation_of_the_batch():
 
 
 def fake_generator(flow, prior, seed: int = 0):
-    """What the loss reads from the Boltzmann generator: prior, flow and the latent generator."""
-    return SimpleNamespace(flow=flow, prior=prior, latent_generator=torch.Generator().manual_seed(seed))
+    """What the loss reads from the Boltzmann generator: prior, flow, the latent generator and the
+    target's space (its particles)."""
+    from bgexp.spaces import Space
+
+    target = SimpleNamespace(space=Space(flow.dim, particles=flow.n_particles, spatial_dim=flow.spatial_dim))
+    return SimpleNamespace(flow=flow, prior=prior, target=target, latent_generator=torch.Generator().manual_seed(seed))
 
 
 def test_the_loss_is_the_regression_onto_the_straight_path():

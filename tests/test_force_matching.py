@@ -19,10 +19,10 @@ from bgexp.targets import dynamics
 from bgexp.targets.base import Target
 from bgexp.training.callbacks import EvaluationCallback
 from bgexp.training.data import DataError, TargetDataModule
-from bgexp.training.evaluation import evaluate
+from bgexp.evaluation import evaluate
 from bgexp.training.losses import JointLoss, force_matching_error
 from bgexp.training.module import BoltzmannGenerator
-from bgexp.training.run import final_evaluation
+from bgexp.training.tasks.bg import final_evaluation
 
 DIM = 4
 

@@ -15,7 +15,7 @@ from bgexp.targets import DoubleWell4, LennardJones, ParticleTarget
 from bgexp.targets.md import sample_states
 from bgexp.targets.particles import sample_reference
 from bgexp.train import CONFIG_DIR
-from bgexp.training.run import build_target
+from bgexp.training.assemble import build_target
 
 
 # independent reference implementation (numpy, float64, double loops over i < j) -----------------

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from bgexp.training.resume import AtomicCheckpointIO, wandb_run_id
-from bgexp.training.run import objective
+from bgexp.training.artifacts import objective
 from helpers import TINY, cli_env, console_script, run_cli
 
 

@@ -17,9 +17,24 @@ def make_run(folder, lr, seed, ess, failed=False):
               "paths": {"output_dir": str(folder)}, "experiment_name": "dimer_realnvp"}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     if not failed:
-        results = {"ess": ess, "nll_test": -ess, "wall_s": 10.0, "n_energy_evals": {"training": 100},
+        results = {"experiment": "dimer_realnvp", "config_hash": f"h{n_of(folder)}", "seed": seed, "ess": ess,
+                   "n_samples": 100, "nll_test": -ess, "wall_s": 10.0,
+                   "n_energy_evals": {"training": 100, "evaluation": 100},
                    "delta_f": {"closed->open": {"value": 1.0 + lr, "ci_low": 0.5, "ci_high": 1.5, "error": lr}}}
         (folder / "results.json").write_text(json.dumps(results))
+
+
+def n_of(folder) -> str:
+    return folder.name
+
+
+def test_a_damaged_results_file_is_one_damaged_row(tmp_path):
+    make_run(tmp_path / "a", 1e-3, 0, ess=0.2)
+    make_run(tmp_path / "b", 1e-2, 0, ess=0.4)
+    (tmp_path / "b" / "results.json").write_text('{"ess": 0.4')  # truncated
+    summary = summarize(tmp_path)
+    rows = {r["run"]: r for r in csv.DictReader(open(summary["csv"]))}
+    assert rows["a"]["status"] == "ok" and rows["b"]["status"].startswith("damaged results.json")
 
 
 def test_flatten_dotted_keys():

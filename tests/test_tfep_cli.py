@@ -57,3 +57,20 @@ def test_ice16_rigid_through_the_cli(tmp_path):
     proc = run_cli("bgexp-eval", [f"run_dir={run_dir}", f"checkpoint={best}", "n_bootstrap=5"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert len(list((run_dir / "eval").glob("*/results.json"))) == 2
+
+    # one results schema for every task: config hash, and nll_test (null: a map has no density of the data)
+    from bgexp.training.artifacts import read_results
+
+    schema = read_results(run_dir / "results.json")
+    assert schema.config_hash == results["config_hash"] and schema.nll_test is None
+    assert "tfep" in schema.blocks and schema.n_energy_evals["training"] == 6 * 16
+
+    # bgexp-sample has no model to sample from here: a named refusal, not a Hydra TypeError
+    proc = run_cli("bgexp-sample", [f"run_dir={run_dir}", "n_samples=10"], tmp_path)
+    assert proc.returncode != 0
+    assert "UnsupportedOperationError" in proc.stderr and "bgexp-eval" in proc.stderr
+
+    # bgexp-summarize reads the run through the schema
+    proc = run_cli("bgexp-summarize", [str(run_dir.parent)], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "ice16_rigid" in (run_dir.parent / "summary.md").read_text() or (run_dir.parent / "summary.csv").is_file()

@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from bgexp.flows import SmoothTorusFlow, TorusPrior
 from bgexp.flows.base import AffineStandardization
 from bgexp.flows.coordinates import BoundedTorsions, MixedCoordinates
-from bgexp.training.run import ConfigError, build_model, build_target
+from bgexp.training.assemble import build_model, build_target
+from bgexp.training.errors import ConfigError
 from helpers import REPO, SHORT_EVALUATION, ala2_tiny_md, run_cli
 
 TORUS_TINY = ["data.generate.n_samples=2000", "data.batch_size=128", "flow.transform.hidden=[32]",
@@ -51,7 +52,7 @@ def _compose(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def test_torus_flag_needs_a_prior_on_the_circle():
+def test_a_torus_space_needs_a_prior_on_the_circle():
     cfg = _compose(["experiment=torus_smooth", "flow.prior._target_=bgexp.flows.NormalPrior"])
     with pytest.raises(ConfigError, match="TorusPrior"):
         build_model(cfg, build_target(cfg))

@@ -14,7 +14,7 @@ from scipy.stats import chi2
 from bgexp.targets import TorusMixture
 from bgexp.targets.torus import PRESETS
 from bgexp.train import CONFIG_DIR
-from bgexp.training.run import build_target
+from bgexp.training.assemble import build_target
 
 N_SAMPLES = 200_000
 

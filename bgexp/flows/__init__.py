@@ -3,7 +3,7 @@
 from bgexp.flows.base import AffineStandardization, Flow, InverseFlow, SequentialFlow
 from bgexp.flows.coupling import Coupling
 from bgexp.flows.priors import MeanFreeNormalPrior, NormalPrior, TorusPrior
-from bgexp.flows.realnvp import AffineCoupling, RealNVP, realnvp
+from bgexp.flows.realnvp import AffineCoupling, RealNVP  # the preset `realnvp` stays in its module (it would shadow it)
 from bgexp.flows.splines import CircularRQSpline, NeuralSpline, RQSpline, SplineCoupling, neural_spline
 from bgexp.flows.torus import SmoothCoupling, SmoothRamps, SmoothTorusFlow, smooth_torus
 from bgexp.flows.transforms import Affine, ElementwiseTransform, Inverse
@@ -29,7 +29,6 @@ __all__ = [
     "RQSpline",
     "CircularRQSpline",
     "SmoothRamps",
-    "realnvp",
     "neural_spline",
     "smooth_torus",
 ]

@@ -1,4 +1,9 @@
-"""Lightning callbacks: periodic evaluation (ESS, free energies, figures) during training."""
+"""Lightning callbacks: checkpoints in the run folder, the step timer, periodic evaluation (ESS,
+free energies, figures) during training.
+
+The generic ones are listed in the config group `callbacks/` and built by
+`bgexp.training.assemble.build_callbacks` with run_dir=<the run folder>; a task adds its own
+(the Boltzmann-generator task adds `EvaluationCallback`)."""
 
 from __future__ import annotations
 
@@ -7,9 +12,10 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
-from bgexp.training.evaluation import evaluate
+from bgexp.evaluation import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +45,9 @@ class EvaluationCallback(pl.Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs != 0 or trainer.sanity_checking:
             return
         figure_dir = self.figure_dir if trainer.is_global_zero else None
-        datamodule = getattr(trainer, "datamodule", None)
-        data = getattr(datamodule, "x_val", None)
-        forces = getattr(datamodule, "f_val", None) if data is not None else None
+        datamodule = trainer.datamodule  # the Boltzmann-generator task's TargetDataModule
+        data = datamodule.x_val if datamodule is not None else None
+        forces = datamodule.f_val if data is not None else None
         result = evaluate(pl_module, n_samples=self.n_samples, batch_size=self.batch_size,
                           n_bootstrap=self.n_bootstrap, figure_dir=figure_dir, data=data,
                           tag=f"epoch{trainer.current_epoch:04d}", forces=forces)
@@ -52,11 +58,22 @@ class EvaluationCallback(pl.Callback):
                      {k: round(v["value"], 3) for k, v in result.delta_f.items() if v["value"] is not None})
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """One checkpoint file `<run_dir>/checkpoints/<filename>.ckpt`: the best by `monitor` (lower or
+    higher by `mode`), or, without `monitor`, the last one, written after every epoch (Lightning's
+    save_last only writes when the monitored checkpoint is written, i.e. not after epochs that got
+    worse)."""
+
+    def __init__(self, run_dir: str | Path, filename: str, monitor: str | None = None, mode: str = "min"):
+        super().__init__(dirpath=Path(run_dir) / "checkpoints", filename=filename, monitor=monitor, mode=mode,
+                         save_top_k=1, every_n_epochs=None if monitor else 1)
+
+
 class StepTimer(pl.Callback):
     """Wall time of the training batches alone (forward, backward, optimiser step), without
     validation and periodic evaluation: `seconds / steps` is the cost of one training step."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: str | Path | None = None) -> None:
         self.seconds, self.steps, self._start = 0.0, 0, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

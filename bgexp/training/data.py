@@ -15,7 +15,7 @@ Sources:
   generator=torch.Generator().manual_seed(seed))`, and cached as `<cache_dir>/<name>-<hash>.npz`,
   where the hash covers the target's config and the sampler settings. The file stores those settings; a cache whose stored settings differ
   (stale) or that cannot be read (malformed) is regenerated with a warning, never used silently.
-  Files are written to a temporary name and renamed, so a crash never leaves half a cache.
+  Files are written atomically (`bgexp.atomic`), so a crash never leaves half a cache.
 
 Forces (`forces: true`, for force matching): the data module also provides `f_train`, `f_val`,
 the reduced forces f = -grad_x u(x) at the target's temperature (units kT per unit of x, rows
@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from bgexp.targets.base import Target
+from bgexp.atomic import atomic_write
+from bgexp.targets.base import EnergyScale, ExactSampler, MolecularTarget, ParticleSystem, Target
 from bgexp.targets.dynamics import MDError, MDSettings, is_complete, load_md, load_trajectory, run_md
 from bgexp.targets.md import sample_states
 
@@ -85,11 +86,7 @@ def load_npz(path: Path, dim: int) -> dict[str, np.ndarray]:
 
 
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 class TargetDataModule(pl.LightningDataModule):
@@ -151,7 +148,7 @@ class TargetDataModule(pl.LightningDataModule):
             if missing or unknown:
                 raise ValueError(f"data.generate with method: exact takes n_samples and seed "
                                  f"(missing {missing}, unknown {unknown})")
-            if not callable(getattr(target, "sample", None)):
+            if not isinstance(target, ExactSampler):
                 raise DataError(f"data.generate.method=exact: {type(target).__name__} has no exact sampler "
                                 f"(no `sample` method); use method: mc or a data.path")
         self.forces = bool(forces)
@@ -177,10 +174,10 @@ class TargetDataModule(pl.LightningDataModule):
         log.info("generating training data (%s) into %s", self.generate_settings, path)
         settings_json = np.array(json.dumps(self.cache_settings(), sort_keys=True, default=str))
         if method == "exact":
-            sampler = getattr(self.target, "sample", None)
-            if not callable(sampler):
+            if not isinstance(self.target, ExactSampler):
                 raise DataError(f"data.generate.method=exact: {type(self.target).__name__} has no exact "
                                 f"sampler (no `sample` method)")
+            sampler = self.target.sample
             generator = torch.Generator().manual_seed(int(settings["seed"]))
             with torch.no_grad():
                 samples = sampler(int(settings["n_samples"]), generator=generator)
@@ -196,7 +193,7 @@ class TargetDataModule(pl.LightningDataModule):
             return x
         samples = sample_states(self.target, progress=self.progress, **settings)
         x = samples.x.detach()
-        if callable(getattr(self.target, "remove_com", None)):  # particle systems: mean-free samples
+        if isinstance(self.target, ParticleSystem):  # particle systems: mean-free samples
             x = self.target.remove_com(x)
         x = x.cpu().numpy()
         save_npz_atomic(
@@ -227,7 +224,7 @@ class TargetDataModule(pl.LightningDataModule):
 
     def _load_md_folder(self, path: Path, md: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
         if md is not None and not is_complete(path):
-            if not hasattr(self.target, "system"):
+            if not isinstance(self.target, MolecularTarget):
                 raise DataError(f"data.md: {type(self.target).__name__} is not an OpenMM target; "
                                 f"MD data cannot be generated for it")
             md = dict(md)
@@ -240,11 +237,10 @@ class TargetDataModule(pl.LightningDataModule):
             raise DataError(str(err)) from err
         if not self.forces:
             return data.x, None
-        kbt = getattr(self.target, "kbt", None)
-        if kbt is None:
+        if not isinstance(self.target, EnergyScale):
             raise DataError(f"data.forces: the MD folder {path} stores forces in kJ/mol/nm, but "
                             f"{type(self.target).__name__} has no `kbt` (kT in kJ/mol) to reduce them with")
-        forces = np.asarray(data.forces, dtype=np.float64).reshape(data.x.shape) / float(kbt)
+        forces = np.asarray(data.forces, dtype=np.float64).reshape(data.x.shape) / float(self.target.kbt)
         return data.x, forces
 
     def _load_source(self, path: Path, md: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:

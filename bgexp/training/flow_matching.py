@@ -36,17 +36,14 @@ pairing and do not enter the gradient.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from bgexp.flows.base import ContinuousFlow
 from bgexp.geometry import optimal_rotation
-
-if TYPE_CHECKING:  # pragma: no cover
-    from bgexp.training.module import BoltzmannGenerator
+from bgexp.training.losses import BoltzmannGenerator
 
 ALIGNMENTS = ("none", "rotation", "permutation", "equivariant")
 
@@ -159,7 +156,9 @@ class FlowMatchingLoss:
 
     @staticmethod
     def _particles(bg: "BoltzmannGenerator") -> tuple[int | None, int | None]:
-        return getattr(bg.flow, "n_particles", None), getattr(bg.flow, "spatial_dim", None)
+        """(particles, spatial dimension) of the target's space; (None, None) when it has no particles."""
+        space = bg.target.space
+        return space.particles, space.spatial_dim
 
     def pairs(self, bg: "BoltzmannGenerator", x1: Tensor) -> tuple[Tensor, Tensor]:
         """Prior samples x0 and the data x1, re-paired and aligned as configured."""
@@ -171,8 +170,8 @@ class FlowMatchingLoss:
             x1 = match_batch(x0, x1)
         if self.alignment != "none":
             if n is None:
-                raise ValueError(f"loss.alignment={self.alignment!r} needs a particle flow (n_particles, "
-                                 f"spatial_dim); {type(bg.flow).__name__} has none: use alignment=none")
+                raise ValueError(f"loss.alignment={self.alignment!r} needs a particle system (n_particles, "
+                                 f"spatial_dim); {type(bg.target).__name__} is none: use alignment=none")
             x1 = align_to(x0, x1, n, d, self.alignment, self.alignment_iterations)
         return x0, x1
 
@@ -187,8 +186,7 @@ class FlowMatchingLoss:
                  forces: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
         if x is None:
             raise ValueError("flow matching needs data batches")
-        velocity = getattr(bg.flow, "velocity", None)
-        if velocity is None:
+        if not isinstance(bg.flow, ContinuousFlow):
             raise ValueError(f"flow matching needs a continuous flow with a vector field (velocity(t, x)); "
                              f"{type(bg.flow).__name__} has none: use loss=nll, kl or joint")
         x0, x1 = self.pairs(bg, x)
@@ -197,7 +195,7 @@ class FlowMatchingLoss:
         if self.sigma > 0:
             xt = xt + self.sigma * self.noise(bg, x)
         target = x1 - x0
-        loss = ((velocity(t, xt) - target) ** 2).mean()
+        loss = ((bg.flow.velocity(t, xt) - target) ** 2).mean()
         return loss, {"flow_matching": float(loss.detach()), "flow_matching/path_length": float(target.detach().norm(dim=-1).mean())}
 
 

@@ -32,15 +32,22 @@ before the cut (their gradient is zero), never dropped silently.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from bgexp.evaluation.metrics import force_matching_error  # noqa: F401  (moved to evaluation; re-exported)
+from bgexp.evaluation.samples import GeneratorModel
 
-if TYPE_CHECKING:  # pragma: no cover
-    from bgexp.training.module import BoltzmannGenerator
+
+class BoltzmannGenerator(GeneratorModel, Protocol):
+    """What a training loss needs of the model (bgexp.training.module.BoltzmannGenerator has it): the
+    evaluation interface plus the `prior` and the per-rank `latent_generator` of training. A Protocol,
+    so that the losses do not import the module that calls them."""
+
+    prior: Any
+    latent_generator: torch.Generator | None
 
 
 def linlog_cut(u: Tensor, high: float = 1e3, u_max: float = 1e9) -> tuple[Tensor, int]:

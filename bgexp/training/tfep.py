@@ -61,12 +61,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from bgexp.estimators import (bar, bootstrap, bootstrap_independent, ess, fep, inflate_for_correlation,
                               statistical_inefficiency)
 from bgexp.targets.dynamics import MDSettings, is_complete, load_md, run_md
+from bgexp.targets.base import MissingAbilityError, RigidBodyTarget
 from bgexp.targets.openmm import kbt_kj_per_mol
+from bgexp.training.base_module import FlowModule
 
 log = logging.getLogger(__name__)
 
 
-class TargetedFEP(pl.LightningModule):
+class TargetedFEP(FlowModule):
     """Trains a map F from state A (temperature_a kelvin, MD samples) onto the target's state B by
     minimising the mean forward work <W_F>_A (module docstring). Batches are (x_A, U_A) with U_A the
     potential energies (kJ/mol) of the samples."""
@@ -74,10 +76,10 @@ class TargetedFEP(pl.LightningModule):
     def __init__(self, flow: torch.nn.Module, target, temperature_a: float,
                  optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable[..., Any] | None = None,
                  max_consecutive_nonfinite: int = 50, random_translations: bool = False, seed: int = 0):
-        super().__init__()
-        if random_translations and not hasattr(target, "random_translation"):
-            raise ValueError(f"random_translations needs a target with random_translation(x, generator); "
-                             f"{type(target).__name__} has none")
+        super().__init__(optimizer, scheduler, seed=seed, max_consecutive_nonfinite=max_consecutive_nonfinite)
+        if random_translations and not isinstance(target, RigidBodyTarget):
+            raise MissingAbilityError(f"random_translations needs a rigid-body target with "
+                                      f"random_translation(x, generator); {type(target).__name__} has none")
         self.random_translations = bool(random_translations)
         self.translation_generator = torch.Generator().manual_seed(int(seed))
         if not temperature_a > 0:
@@ -86,11 +88,6 @@ class TargetedFEP(pl.LightningModule):
         self.kbt_a = kbt_kj_per_mol(temperature_a)
         self.kbt_b = float(target.kbt)
         self.temperature_a = float(temperature_a)
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
-        self.consecutive_nonfinite = 0
-        self.n_energy_evals_train = 0
-        self.n_energy_evals_eval = 0
 
     def shifted(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """x with every configuration translated as a whole by a uniform random vector, when
@@ -102,12 +99,8 @@ class TargetedFEP(pl.LightningModule):
     # works -------------------------------------------------------------------------------------
     def energy_b(self, x: Tensor) -> Tensor:
         """u_B of flow coordinates; counted as training or evaluation energy calls."""
-        if self.training and torch.is_grad_enabled():
-            self.n_energy_evals_train += x.shape[0]
-        else:
-            self.n_energy_evals_eval += x.shape[0]
-        energy = getattr(self.target, "rigid_energy", None) or self.target.energy
-        return energy(x)
+        self.count_energy(x.shape[0], "train" if self.training and torch.is_grad_enabled() else "eval")
+        return (self.target.rigid_energy if isinstance(self.target, RigidBodyTarget) else self.target.energy)(x)
 
     def forward_work(self, x_a: Tensor, potential_a: Tensor) -> tuple[Tensor, Tensor]:
         """(W_F [B], F(x_A)) for samples of A with potential energies U_A (kJ/mol)."""
@@ -125,45 +118,23 @@ class TargetedFEP(pl.LightningModule):
         x_a, potential_a = batch
         work, _ = self.forward_work(self.shifted(x_a), potential_a)
         loss = work.mean()
-        if not torch.isfinite(loss):
-            self.consecutive_nonfinite += 1
-            log.warning("non-finite work at step %d (%d in a row); step skipped", self.global_step,
-                        self.consecutive_nonfinite)
-            if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
-                raise RuntimeError(f"the mapped work was NaN or infinite in {self.consecutive_nonfinite} consecutive "
-                                   "steps: lower optim.lr or check the flow and the target energy")
+        if self.skip_nonfinite(loss, what="mapped work"):
             return None
-        self.consecutive_nonfinite = 0
-        self.log("train/work", loss, prog_bar=True)
-        self.log("train/work_std", work.detach().std())
-        self.log("train/energy_evals", float(self.n_energy_evals_train))
+        self.log("train/work", loss, prog_bar=True, sync_dist=True)
+        self.log("train/work_std", work.detach().std(), sync_dist=True)
+        self.log("train/energy_evals", float(self.n_energy_evals_train), sync_dist=True, reduce_fx="sum")
         return loss
 
     def validation_step(self, batch, batch_idx: int):
         x_a, potential_a = batch
         generator = torch.Generator().manual_seed(batch_idx)  # the same shifts in every validation
         work, _ = self.forward_work(self.shifted(x_a, generator), potential_a)
-        self.log("val/work", work.mean(), prog_bar=True)
+        self.log("val/work", work.mean(), prog_bar=True, sync_dist=True)
         finite = work[torch.isfinite(work)].double().cpu().numpy()
         if finite.size:
             self.log("val/lfep", fep(finite)[0])
             self.log("val/ess", ess(-finite))
         return work.mean()
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.flow.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["bgexp_counters"] = {"n_energy_evals_train": self.n_energy_evals_train,
-                                        "n_energy_evals_eval": self.n_energy_evals_eval}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        for key, value in checkpoint.get("bgexp_counters", {}).items():
-            setattr(self, key, int(value))
 
 
 # data --------------------------------------------------------------------------------------------
@@ -194,7 +165,7 @@ def load_state(target, path: str | Path, md: dict[str, Any] | None = None, tempe
         x, energies = x[: int(max_frames)], data.energies[: int(max_frames)]
     else:
         energies = data.energies
-    if hasattr(target, "to_rigid"):
+    if isinstance(target, RigidBodyTarget):
         x = target.to_rigid(x)
     return StateSamples(x=x, potential=torch.as_tensor(np.asarray(energies, dtype=np.float64)), source=str(path))
 

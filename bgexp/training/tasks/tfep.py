@@ -1,4 +1,4 @@
-"""`bgexp-train` for targeted free-energy perturbation experiments (configs with a `tfep` block):
+"""The targeted free-energy perturbation task (`task=tfep`, settings in the config's `tfep` block):
 MD samples of state A (and B) -> a rigid-body (or any) flow trained by the mapped work -> LFEP,
 LBAR and the plain FEP/BAR baselines with bootstrap error bars, against the reference.
 
@@ -17,16 +17,44 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from bgexp import plots
+from bgexp.spaces import Space
+from bgexp.targets.base import RigidBodyTarget
+from bgexp.training.artifacts import (RESULTS_FILE, Results, checkpoint_path, config_hash, load_checkpoint_into,
+                                      write_results)
+from bgexp.training.assemble import build_target, load_run_config
 from bgexp.training.callbacks import StepTimer, log_figures
-from bgexp.training.resume import AtomicCheckpointIO
+from bgexp.training.tasks import FitContext, Task
 from bgexp.training.tfep import StatePairData, StateSamples, TargetedFEP, evaluate_tfep, load_state
+
+
+class TargetedFEPTask(Task):
+    """Train a map from state A onto the target's state B by the mapped work; LFEP/LBAR against plain
+    FEP/BAR (module docstring). Checkpoints: best by the held-out mean work."""
+
+    name = "tfep"
+
+    def __init__(self, name: str | None = None, monitor: str = "val/work"):
+        super().__init__(name, monitor)
+
+    def build(self, cfg: DictConfig, target):
+        return build_tfep(cfg, target)
+
+    def finish(self, fit: FitContext) -> dict[str, Any]:
+        timer = next((c for c in fit.trainer.callbacks if isinstance(c, StepTimer)), None)
+        training = {"steps": fit.trainer.global_step, "step_s": timer.seconds_per_step if timer else None,
+                    "n_parameters": sum(p.numel() for p in fit.module.flow.parameters() if p.requires_grad)}
+        return finish_tfep(fit.cfg, fit.module.target, fit.module, fit.datamodule, fit.run_dir, fit.start, training,
+                           logger=fit.logger, trainer=fit.trainer,
+                           files={"checkpoint": str(fit.run_dir / "checkpoints" / "last.ckpt")})
+
+    def evaluate_run(self, run_dir: Path, out_dir: Path, settings: DictConfig) -> dict[str, Any]:
+        return evaluate_tfep_run(run_dir, out_dir, checkpoint=settings.checkpoint, n_bootstrap=settings.n_bootstrap,
+                                 seed=settings.seed)
 
 
 def reference_for(cfg: DictConfig, target) -> dict[str, Any] | None:
@@ -57,36 +85,15 @@ def build_tfep(cfg: DictConfig, target) -> tuple[TargetedFEP, StatePairData]:
 
 
 def build_tfep_flow(cfg: DictConfig, target):
-    """The flow of a targeted-FEP experiment; rigid-body targets give the molecule count and the box."""
-    extra = {}
-    if hasattr(target, "n_molecules"):
-        extra = {"n_molecules": target.n_molecules, "box": [float(v) for v in target.box]}
-    return instantiate(cfg.flow.transform, **extra)
+    """The flow of a targeted-FEP experiment, built on the target's space (a rigid-body target gives
+    the molecule count and the box)."""
+    from bgexp.training.assemble import build_transform
+
+    return build_transform(cfg.flow.transform, target.space)
 
 
 def _container(node):
     return None if node is None else OmegaConf.to_container(node, resolve=True)
-
-
-def run_tfep(cfg: DictConfig, target, run_dir: Path, start: float, logger) -> dict[str, Any]:
-    """Train, evaluate and write the results of a targeted-FEP experiment (module docstring)."""
-    from bgexp.training.run import ConfigInCheckpoint
-
-    module, data = build_tfep(cfg, target)
-    checkpoint_dir = run_dir / "checkpoints"
-    timer = StepTimer()
-    callbacks = [ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/work", mode="min", save_top_k=1),
-                 ModelCheckpoint(dirpath=checkpoint_dir, filename="last", save_top_k=1, every_n_epochs=1), timer,
-                 ConfigInCheckpoint(cfg)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
-                                      plugins=[AtomicCheckpointIO()])
-    if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
-    training = {"steps": trainer.global_step, "step_s": timer.seconds_per_step,
-                "n_parameters": sum(p.numel() for p in module.flow.parameters() if p.requires_grad)}
-    return finish_tfep(cfg, target, module, data, run_dir, start, training, logger=logger, trainer=trainer,
-                       files={"checkpoint": str(checkpoint_dir / "last.ckpt")})
 
 
 def finish_tfep(cfg: DictConfig, target, module: TargetedFEP, data: StatePairData, out_dir: Path, start: float,
@@ -106,25 +113,13 @@ def finish_tfep(cfg: DictConfig, target, module: TargetedFEP, data: StatePairDat
     np.savez(out_dir / "works.npz", **works)
     figures = {"works": str(plot_works(works, data, module, out_dir / "figures" / "works.png"))}
     lfep = evaluation["estimates"]["lfep"]
-    results = {
-        "experiment": cfg.get("experiment_name"),
-        "seed": int(cfg.seed),
-        "ess": evaluation["ess_mapped"],
-        "n_samples": evaluation["n_samples_a"],
-        "delta_f": {f"{cfg.tfep.temperature_a:g}K->{target.temperature:g}K": {
+    delta_f = {f"{cfg.tfep.temperature_a:g}K->{target.temperature:g}K": {
             "value": lfep["value"], "ci_low": lfep["ci95"][0], "ci_high": lfep["ci95"][1], "confidence": 0.95,
             "two_sigma": 2 * lfep["std"], "estimator": "LFEP",
             "reference": reference["value"] if reference else None,
-            "reference_source": reference.get("source") if reference else None}},
-        "tfep": evaluation,
-        "n_energy_evals": {"training": module.n_energy_evals_train, "evaluation": module.n_energy_evals_eval},
-        "wall_s": time.time() - start,
-        "training": training,
-        "figures": figures,
-        "files": {**(files or {}), "works": str(out_dir / "works.npz"),
-                  "data_a": data_source(cfg.tfep.data_a), "data_b": data_source(cfg.tfep.get("data_b"))},
-        **(extra or {}),
-    }
+            "reference_source": reference.get("source") if reference else None}}
+    files = {**(files or {}), "works": str(out_dir / "works.npz"),
+             "data_a": data_source(cfg.tfep.data_a), "data_b": data_source(cfg.tfep.get("data_b"))}
     if isinstance(logger, WandbLogger) and trainer is not None:
         scalars = {"final/ess_mapped": evaluation["ess_mapped"]}
         for name, entry in evaluation["estimates"].items():
@@ -132,12 +127,17 @@ def finish_tfep(cfg: DictConfig, target, module: TargetedFEP, data: StatePairDat
             scalars[f"final/{name}_std"] = entry["std"]
         logger.log_metrics(scalars, step=trainer.global_step)
         log_figures(trainer, {f"final_{k}": v for k, v in figures.items()}, trainer.global_step)
-        results["files"]["wandb_run"] = str(Path(logger.experiment.dir).parent)
-    from bgexp.training.run import write_json_atomic
-
-    path = write_json_atomic(out_dir / "results.json", results)
-    print_tfep_summary(path, results)
-    return json.loads(path.read_text())
+        files["wandb_run"] = str(Path(logger.experiment.dir).parent)
+    # nll_test: the map has no density of the target's data (it transports samples of A)
+    results = Results(experiment=cfg.get("experiment_name"), config_hash=config_hash(cfg), seed=int(cfg.seed),
+                      ess=evaluation["ess_mapped"], n_samples=evaluation["n_samples_a"], delta_f=delta_f, nll_test=None,
+                      n_energy_evals={"training": module.n_energy_evals_train, "evaluation": module.n_energy_evals_eval},
+                      wall_s=time.time() - start, figures=figures, files=files,
+                      blocks={"tfep": evaluation, "training": training, **(extra or {})})
+    path = out_dir / RESULTS_FILE
+    written = write_results(path, results)
+    print_tfep_summary(path, written)
+    return written
 
 
 def evaluate_tfep_run(run_dir: str | Path, out_dir: Path, checkpoint: str = "last", n_bootstrap: int | None = None,
@@ -145,21 +145,16 @@ def evaluate_tfep_run(run_dir: str | Path, out_dir: Path, checkpoint: str = "las
     """`bgexp-eval` for a targeted-FEP run: rebuild the flow and the data split from the run's own
     config (the held-out frames are the run's), load the checkpoint, evaluate into `out_dir`. The
     training figures (steps, energy evaluations of training) are the run's."""
-    from bgexp.training.run import RESOLVED_CONFIG, build_target, checkpoint_path, load_checkpoint_into
-
     start = time.time()
     run_dir = Path(run_dir)
-    cfg = OmegaConf.load(run_dir / RESOLVED_CONFIG)
+    cfg = load_run_config(run_dir)
     ckpt = checkpoint_path(run_dir, checkpoint)
     target = build_target(cfg)
     try:
         module, data = build_tfep(cfg, target)
-        if checkpoint in ("last", "best"):  # the run's own checkpoint: it belongs to this config
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            module.load_state_dict(state["state_dict"])
-            module.on_load_checkpoint(state)
-        else:  # another file: checked against the run's target and flow config
-            load_checkpoint_into(module, cfg, ckpt)
+        # the run's own checkpoint belongs to this config; another file is checked against the run's
+        # target and flow config
+        load_checkpoint_into(module, None if checkpoint in ("last", "best") else cfg, ckpt)
         module.n_energy_evals_eval = 0
         trained_path = run_dir / "results.json"
         trained = json.loads(trained_path.read_text()) if trained_path.is_file() else {}
@@ -168,9 +163,7 @@ def evaluate_tfep_run(run_dir: str | Path, out_dir: Path, checkpoint: str = "las
         return finish_tfep(cfg, target, module, data, out_dir, start, training, files={"checkpoint": str(ckpt)},
                            n_bootstrap=n_bootstrap, seed=seed, extra={"evaluated_from": str(run_dir)})
     finally:
-        close = getattr(target, "close", None)
-        if close is not None:
-            close()
+        target.close()
 
 
 def data_source(node) -> str | None:
@@ -204,4 +197,4 @@ def print_tfep_summary(path: Path, results: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
-__all__ = ["run_tfep", "finish_tfep", "evaluate_tfep_run", "build_tfep", "build_tfep_flow", "reference_for"]
+__all__ = ["TargetedFEPTask", "finish_tfep", "evaluate_tfep_run", "build_tfep", "build_tfep_flow", "reference_for"]
