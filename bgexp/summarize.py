@@ -118,7 +118,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
 
 def plot_metric(rows: list[dict[str, Any]], key: str, metric: str, out: Path) -> Path | None:
     """Mean +- standard deviation over seeds of `metric` for each value of `key`."""
-    from bgexp.plots import _new_figure, _save
+    from bgexp.evaluation.plots import new_figure, save_figure
 
     groups: dict[str, list[float]] = {}
     for row in rows:
@@ -136,7 +136,7 @@ def plot_metric(rows: list[dict[str, Any]], key: str, metric: str, out: Path) ->
         pass
     means = [np.mean(groups[label]) for label in labels]
     stds = [np.std(groups[label]) if len(groups[label]) > 1 else 0.0 for label in labels]
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     ax.errorbar(range(len(labels)), means, yerr=stds, fmt="o-", capsize=4)
     ax.set_xticks(range(len(labels)), labels)
@@ -145,7 +145,7 @@ def plot_metric(rows: list[dict[str, Any]], key: str, metric: str, out: Path) ->
     counts = sorted({len(groups[label]) for label in labels})
     ax.set_title(f"{metric} against {key} (mean +- std over {'/'.join(map(str, counts))} seeds)", fontsize="small")
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{metric}_vs_{key}")
-    return _save(fig, out / f"summary_{safe}.png")
+    return save_figure(fig, out / f"summary_{safe}.png")
 
 
 def summarize(folder: str | Path, out: str | Path | None = None,

@@ -1,4 +1,4 @@
-"""bgexp.plots: every figure is written as a readable PNG, also from inputs with inf/NaN."""
+"""bgexp.evaluation.plots: every figure is written as a readable PNG, also from inputs with inf/NaN."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from bgexp import plots
+from bgexp.evaluation import plots
 
 
 def check_png(path, expected) -> np.ndarray:
@@ -111,7 +111,7 @@ def test_no_pyplot_figures_left_open(tmp_path):
 
 
 def test_free_energy_surface_figure_with_reference(tmp_path):
-    from bgexp.plots import plot_free_energy_surface
+    from bgexp.evaluation.plots import plot_free_energy_surface
 
     edges = np.linspace(-np.pi, np.pi, 11)
     p = np.random.default_rng(0).random((10, 10))

@@ -1,5 +1,5 @@
 """Figures shared by training callbacks and evaluation (the drawing primitives; which figures an
-evaluation draws is bgexp.evaluation.figures). `bgexp.plots` re-exports this module.
+evaluation draws is bgexp.evaluation.figures). (Formerly bgexp/plots.py.)
 
 Every function draws one figure, saves it as a PNG at `path` (parent folders are created),
 releases it and returns the `Path`. Figures are built with `matplotlib.figure.Figure` on an Agg
@@ -30,13 +30,13 @@ ArrayLike = np.ndarray | Sequence[float]
 # helpers
 
 
-def _new_figure(figsize: tuple[float, float] = (6.0, 4.0)) -> Figure:
+def new_figure(figsize: tuple[float, float] = (6.0, 4.0)) -> Figure:
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, format="png")
@@ -143,14 +143,14 @@ def plot_energy_histograms(
     [1 - clip_quantile, clip_quantile] quantiles so that a few huge energies do not squash the
     plot; values outside it are counted in the legend. `range_from="data"` takes the range from
     that set alone (so an untrained flow's energies do not set the scale)."""
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     _histograms(ax, energies, weights, bins, clip_quantile, range_from)
     ax.set_xlabel("energy u(x) [kT]")
     ax.set_ylabel("density")
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_observable_histogram(
@@ -164,14 +164,14 @@ def plot_observable_histogram(
 ) -> Path:
     """Overlaid density histograms of an observable (e.g. the dimer distance of data vs flow
     samples, optionally reweighted). The full finite range is shown unless clip_quantile < 1."""
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     _histograms(ax, values, weights, bins, clip_quantile)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _profile(x: ArrayLike, f: ArrayLike, err: ArrayLike | None, what: str):
@@ -214,7 +214,7 @@ def plot_free_energy_profile(
     with keys "x", "f", optional "f_std" and "label", drawn the same way (its own minimum at 0).
     `states` maps a state name to an interval (lo, hi) shaded behind the curves; infinite ends
     reach the edge of the plot. Non-finite points are skipped."""
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     xs, fs, es = _profile(x, f, f_err, "profile")
     all_x = [xs]
@@ -252,7 +252,7 @@ def plot_free_energy_profile(
         ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_free_energy_surface(
@@ -271,7 +271,7 @@ def plot_free_energy_surface(
     panels = [("estimate", np.asarray(p, dtype=float))]
     if reference is not None:
         panels.append(("reference", np.asarray(reference, dtype=float)))
-    fig = _new_figure((5.0 * len(panels) + 0.8, 4.2))
+    fig = new_figure((5.0 * len(panels) + 0.8, 4.2))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     image = None
     for ax, (name, hist) in zip(axes, panels):
@@ -286,4 +286,4 @@ def plot_free_energy_surface(
         ax.set_ylabel(ylabel)
         ax.set_title(name if title is None or name == "reference" else title, fontsize="small")
     fig.colorbar(image, ax=list(axes), label="free energy F [kT]")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from bgexp import plots
+from bgexp.evaluation import plots
 from bgexp.spaces import Space
 from bgexp.targets.base import RigidBodyTarget
 from bgexp.training.artifacts import (RESULTS_FILE, Results, checkpoint_path, config_hash, load_checkpoint_into,
