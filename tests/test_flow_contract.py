@@ -284,6 +284,8 @@ def test_priors_from_a_space():
     assert MeanFreeNormalPrior(dim=6, spatial_dim=3).n_particles == 2  # the old arguments still work
     with pytest.raises(SpaceError, match="particle space"):
         MeanFreeNormalPrior(space=Space(6))
+    with pytest.raises(SpaceError, match="without circular features"):
+        NormalPrior(space=Space(3, (True, False, True)))
     with pytest.raises(SpaceError, match="circular"):
         TorusPrior(circular=[True, True, True], space=Space(3, (True, False, True)))
 

@@ -1,4 +1,4 @@
-"""The rigid-body flow on (T^3 x S^3)^N (bgexp/flows/rigid.py): couplings, log-dets, symmetries.
+"""The rigid-body flow on (T^3 x S^3)^N (bgexp/flows/rigid/): couplings, log-dets, symmetries.
 
 float64 unless stated. The flows under test are perturbed far from their (near-)identity
 initialisation: N(0, 0.3) is added to every parameter, except that the zero-initialised head

@@ -1,4 +1,4 @@
-"""Conditional convex-potential rotations on S^3/{+-1} (bgexp/flows/rigid.py), float64 unless stated."""
+"""Conditional convex-potential rotations on S^3/{+-1} (bgexp/flows/rigid/rotation.py), float64 unless stated."""
 
 from __future__ import annotations
 

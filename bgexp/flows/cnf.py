@@ -185,6 +185,8 @@ class EquivariantCNF(Flow):
     divergence_chunk: samples per vectorised Jacobian in the exact divergence (None: the whole
     batch at once); bounds the memory of the exact divergence, which grows as batch x (n d)^2 x
     the field's pair features (LJ55 needs it).
+    Give the particles as `n_particles` (or `dim` = n d) and `spatial_dim` (default 3), or as a
+    particle `space` (`bgexp.spaces.Space`; `equivariant_cnf(space, ...)` is the factory).
     """
 
     def __init__(self, n_particles: int | None = None, spatial_dim: int | None = None, field: str = "egnn", hidden: int = 64,

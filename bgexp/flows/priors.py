@@ -36,11 +36,17 @@ class NormalPrior(nn.Module):
     """Isotropic Gaussian N(0, T * I) with an optional temperature T (variance scaled by T).
 
     log p(z) = -|z|^2 / (2T) - (d/2) log(2 pi T).  T = 1 is the standard normal; T != 1 samples
-    the prior at another temperature (Boltzmann Generators, 2019, Fig. 3).
+    the prior at another temperature (Boltzmann Generators, 2019, Fig. 3). Given `space`, the width
+    is the space's; a space with circular features or rigid bodies is a SpaceError (TorusPrior).
     """
 
     def __init__(self, dim: int | None = None, temperature: float = 1.0, space: Space | None = None):
         super().__init__()
+        if space is not None:
+            space = as_space(space, "NormalPrior")
+            if space.has_circular or space.is_rigid_bodies:
+                raise SpaceError(f"NormalPrior is a density on R^dim and expects a space without circular features "
+                                 f"or rigid bodies, got {space.describe()}")
         dim = _dim_from("NormalPrior", dim, space)
         if space is not None and space.has_circular:
             raise SpaceError(f"NormalPrior is a density on R^d, the space has {sum(space.circular)} circular "
@@ -79,6 +85,8 @@ class TorusPrior(nn.Module):
                  space: Space | None = None):
         super().__init__()
         space = None if space is None else as_space(space, "TorusPrior")
+        if space is not None and space.is_rigid_bodies:
+            raise SpaceError(f"TorusPrior expects linear and circular features, got {space.describe()}")
         dim = _dim_from("TorusPrior", dim, space)
         if space is not None:  # the space's circular features (a space without any: a normal prior)
             mask = space.circular_mask()
