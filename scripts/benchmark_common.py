@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from bgexp.training.artifacts import read_results
+
 
 def machine() -> str:
     """CPU model, core count, and torch version and threads when torch is importable."""
@@ -52,9 +54,9 @@ def run_and_read(experiment: str, overrides: list[str], run_dir: str | None = No
         raise SystemExit(f"training failed (exit {proc.returncode})" + (f": {errors[-1].strip()}" if errors else ""))
     line = next(l for l in proc.stdout.splitlines() if l.startswith("results: "))
     results_path = Path(line.split("results: ", 1)[1].strip())
-    results = json.loads(results_path.read_text())
+    results = read_results(results_path).to_dict()  # through the results schema (bgexp.training.artifacts)
     if run_dir:
-        trained = json.loads((Path(run_dir) / "results.json").read_text())
+        trained = read_results(Path(run_dir) / "results.json").to_dict()
         wall = trained["wall_s"]
         results["n_energy_evals"]["training"] = trained["n_energy_evals"]["training"]
     return results, results_path, wall
