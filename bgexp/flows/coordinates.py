@@ -123,26 +123,7 @@ class ZMatrix:
             dup = sorted({a for a in cart.tolist() if cart.tolist().count(a) > 1})
             raise ValueError(f"ZMatrix cartesian lists atoms more than once: {dup}")
 
-        placed = set(cart.tolist())
-        for r, (i, j, k, l) in enumerate(rows.tolist()):
-            if i in placed:
-                where = "a Cartesian atom" if i in set(cart.tolist()) else "placed by an earlier row"
-                raise ValueError(f"ZMatrix row {r}: atom {i} appears more than once (it is already {where})")
-            if len({i, j, k, l}) != 4:
-                raise ValueError(f"ZMatrix row {r}: atoms (i, j, k, l) = {(i, j, k, l)} must be distinct")
-            later = [a for a in (j, k, l) if a not in placed]
-            if later:
-                raise ValueError(
-                    f"ZMatrix row {r} (atom {i}): reference atoms {later} are neither Cartesian nor placed "
-                    f"by an earlier row (references must be placed before the atom that uses them)"
-                )
-            placed.add(i)
-        missing = sorted(set(range(n)) - placed)
-        if missing:
-            raise ValueError(
-                f"ZMatrix does not cover every atom: {len(missing)} atom(s) are neither Cartesian nor placed "
-                f"by a row: {missing[:20]}{' ...' if len(missing) > 20 else ''}"
-            )
+        _check_placement_order(n, cart, rows)
         cart.setflags(write=False)
         rows.setflags(write=False)
         object.__setattr__(self, "n_atoms", n)
@@ -197,93 +178,12 @@ class ZMatrix:
         """
         n = int(n_atoms)
         cart = [int(a) for a in _as_int_array(cartesian, "cartesian").reshape(-1)]
-        if heavy is None:
-            is_heavy = np.ones(n, dtype=bool)
-        else:
-            is_heavy = np.asarray(heavy, dtype=bool).reshape(-1)
-            if is_heavy.shape != (n,):
-                raise ValueError(f"heavy must be a bool mask of length n_atoms={n}, got shape {is_heavy.shape}")
-        bond_arr = _as_int_array(bonds, "bonds")
-        if bond_arr.size == 0:
-            bond_arr = bond_arr.reshape(0, 2)
-        if bond_arr.ndim != 2 or bond_arr.shape[1] != 2:
-            raise ValueError(f"bonds must be a list of (a, b) pairs, got array of shape {bond_arr.shape}")
-        if bond_arr.size and (bond_arr.min() < 0 or bond_arr.max() >= n):
-            raise ValueError(f"bonds reference atoms outside [0, {n})")
-        neighbours: list[set[int]] = [set() for _ in range(n)]
-        for a, b in bond_arr.tolist():
-            if a == b:
-                raise ValueError(f"bond ({a}, {b}) connects an atom to itself")
-            neighbours[a].add(b)
-            neighbours[b].add(a)
-        if len(cart) < 3:
-            raise ValueError(
-                f"ZMatrix needs at least 3 Cartesian atoms (they define the body frame), got {len(cart)}"
-            )
-        if any(a < 0 or a >= n for a in cart) or len(set(cart)) != len(cart):
-            raise ValueError(f"cartesian must be distinct atom indices in [0, {n}), got {cart}")
-
-        order: dict[int, int] = {a: r for r, a in enumerate(cart)}  # atom -> placement rank
-
-        def rank(a: int) -> tuple[bool, int]:
-            return (not is_heavy[a], order[a])
-
-        def graph_distances(src: int) -> dict[int, int]:
-            dist, frontier = {src: 0}, [src]
-            while frontier:
-                nxt = []
-                for a in frontier:
-                    for b in sorted(neighbours[a]):
-                        if b not in dist:
-                            dist[b] = dist[a] + 1
-                            nxt.append(b)
-                frontier = nxt
-            return dist
-
-        def tiered(groups: list[list[int]], exclude: set[int], near: int) -> list[tuple[int, int, int]]:
-            """Placed candidates as (tier, graph distance, atom): the atoms of the first groups
-            (tiers 0, 1, ...); only if those are all empty, every placed atom (last tier)."""
-            out = [(t, 1, a) for t, group in enumerate(groups)
-                   for a in group if a in order and a not in exclude]
-            if out:
-                return out
-            dist = graph_distances(near)
-            return [(len(groups), dist.get(a, n + 1), a) for a in order if a not in exclude]
-
-        def references(i: int, j: int) -> tuple[int, int]:
-            """(k, l): k a neighbour of j, l a neighbour of k (else of j); heavy atoms first."""
-            best = None
-            for tk, dk, k in tiered([sorted(neighbours[j])], {i, j}, near=j):
-                for tl, dl, l in tiered([sorted(neighbours[k]), sorted(neighbours[j])], {i, j, k}, near=k):
-                    key = (tk, not is_heavy[k], not is_heavy[l], tl, dk, dl, order[k], order[l])
-                    if best is None or key < best[0]:
-                        best = (key, k, l)
-            assert best is not None  # >= 3 Cartesian atoms are always placed
-            return best[1], best[2]
-
-        rows: list[tuple[int, int, int, int]] = []
-        first_sibling: dict[tuple[int, int], int] = {}
-        queue = list(cart)
-        head = 0
-        while head < len(queue):
-            p = queue[head]
-            head += 1
-            for i in sorted(neighbours[p], key=lambda a: (not is_heavy[a], a)):
-                if i in order:
-                    continue
-                j = min((a for a in neighbours[i] if a in order), key=rank)
-                k, l = references(i, j)
-                # siblings (atoms on the same j, with the same k, e.g. the hydrogens of a methyl):
-                # the later ones take the first as torsion reference, so their torsion is the
-                # narrow offset about the j-k axis (~ +-120 deg) instead of another copy of the
-                # wide, multimodal rotor angle
-                first = first_sibling.setdefault((j, k), i)
-                if first != i:
-                    l = first
-                rows.append((i, j, k, l))
-                order[i] = len(order)
-                queue.append(i)
-        missing = sorted(set(range(n)) - set(order))
+        is_heavy = _heavy_mask(heavy, n)
+        neighbours = _neighbour_sets(bonds, n)
+        _check_frame_atoms(cart, n)
+        placer = _BondGraphPlacer(neighbours, is_heavy, cart)
+        rows = placer.place_all()
+        missing = placer.unplaced()
         if missing:
             raise ValueError(
                 f"{len(missing)} atom(s) are not connected to the Cartesian atoms through bonds: "
@@ -317,6 +217,157 @@ def _to_mdtraj_topology(topology: Any) -> Any:
     raise ValueError(
         f"expected an mdtraj.Topology or openmm.app.Topology, got {type(topology).__name__}"
     )
+
+
+def _heavy_mask(heavy: Sequence[bool] | None, n: int) -> np.ndarray:
+    """`heavy` as a bool mask of length `n` (all heavy when None); ValueError for another length."""
+    if heavy is None:
+        return np.ones(n, dtype=bool)
+    is_heavy = np.asarray(heavy, dtype=bool).reshape(-1)
+    if is_heavy.shape != (n,):
+        raise ValueError(f"heavy must be a bool mask of length n_atoms={n}, got shape {is_heavy.shape}")
+    return is_heavy
+
+
+def _neighbour_sets(bonds: Sequence[Sequence[int]], n: int) -> list[set[int]]:
+    """The bonded neighbours of each of `n` atoms; ValueError for malformed bonds (not pairs,
+    atoms out of range, an atom bonded to itself)."""
+    bond_arr = _as_int_array(bonds, "bonds")
+    if bond_arr.size == 0:
+        bond_arr = bond_arr.reshape(0, 2)
+    if bond_arr.ndim != 2 or bond_arr.shape[1] != 2:
+        raise ValueError(f"bonds must be a list of (a, b) pairs, got array of shape {bond_arr.shape}")
+    if bond_arr.size and (bond_arr.min() < 0 or bond_arr.max() >= n):
+        raise ValueError(f"bonds reference atoms outside [0, {n})")
+    neighbours: list[set[int]] = [set() for _ in range(n)]
+    for a, b in bond_arr.tolist():
+        if a == b:
+            raise ValueError(f"bond ({a}, {b}) connects an atom to itself")
+        neighbours[a].add(b)
+        neighbours[b].add(a)
+    return neighbours
+
+
+def _check_frame_atoms(cart: list[int], n: int) -> None:
+    """ValueError unless `cart` holds at least 3 distinct atom indices in [0, n)."""
+    if len(cart) < 3:
+        raise ValueError(
+            f"ZMatrix needs at least 3 Cartesian atoms (they define the body frame), got {len(cart)}"
+        )
+    if any(a < 0 or a >= n for a in cart) or len(set(cart)) != len(cart):
+        raise ValueError(f"cartesian must be distinct atom indices in [0, {n}), got {cart}")
+
+
+class _BondGraphPlacer:
+    """The breadth-first placement of `ZMatrix.from_bonds` (its docstring states the rules):
+    `order` maps every placed atom to its placement rank, starting with the Cartesian atoms."""
+
+    def __init__(self, neighbours: list[set[int]], is_heavy: np.ndarray, cartesian: list[int]):
+        self.neighbours = neighbours
+        self.is_heavy = is_heavy
+        self.n = len(neighbours)
+        self.cartesian = cartesian
+        self.order: dict[int, int] = {a: r for r, a in enumerate(cartesian)}  # atom -> placement rank
+
+    def rank(self, a: int) -> tuple[bool, int]:
+        """Sort key of a placed atom: heavy first, then earliest placed."""
+        return (not self.is_heavy[a], self.order[a])
+
+    def graph_distances(self, src: int) -> dict[int, int]:
+        """Bond-graph distance from `src` to every atom connected to it."""
+        dist, frontier = {src: 0}, [src]
+        while frontier:
+            nxt = []
+            for a in frontier:
+                for b in sorted(self.neighbours[a]):
+                    if b not in dist:
+                        dist[b] = dist[a] + 1
+                        nxt.append(b)
+            frontier = nxt
+        return dist
+
+    def tiered(self, groups: list[list[int]], exclude: set[int], near: int) -> list[tuple[int, int, int]]:
+        """Placed candidates as (tier, graph distance, atom): the atoms of the first groups
+        (tiers 0, 1, ...); only if those are all empty, every placed atom (last tier)."""
+        out = [(t, 1, a) for t, group in enumerate(groups)
+               for a in group if a in self.order and a not in exclude]
+        if out:
+            return out
+        dist = self.graph_distances(near)
+        return [(len(groups), dist.get(a, self.n + 1), a) for a in self.order if a not in exclude]
+
+    def references(self, i: int, j: int) -> tuple[int, int]:
+        """(k, l): k a neighbour of j, l a neighbour of k (else of j); heavy atoms first."""
+        nb, is_heavy, order = self.neighbours, self.is_heavy, self.order
+        best = None
+        for tk, dk, k in self.tiered([sorted(nb[j])], {i, j}, near=j):
+            for tl, dl, l in self.tiered([sorted(nb[k]), sorted(nb[j])], {i, j, k}, near=k):
+                key = (tk, not is_heavy[k], not is_heavy[l], tl, dk, dl, order[k], order[l])
+                if best is None or key < best[0]:
+                    best = (key, k, l)
+        assert best is not None  # >= 3 Cartesian atoms are always placed
+        return best[1], best[2]
+
+    def place_all(self) -> list[tuple[int, int, int, int]]:
+        """The rows (i, j, k, l) of every atom reachable from the Cartesian atoms, in BFS order
+        (the unplaced neighbours of each visited atom heavy first, then by index)."""
+        rows: list[tuple[int, int, int, int]] = []
+        first_sibling: dict[tuple[int, int], int] = {}
+        queue = list(self.cartesian)
+        head = 0
+        while head < len(queue):
+            p = queue[head]
+            head += 1
+            for i in sorted(self.neighbours[p], key=lambda a: (not self.is_heavy[a], a)):
+                if i in self.order:
+                    continue
+                rows.append(self.row(i, first_sibling))
+                self.order[i] = len(self.order)
+                queue.append(i)
+        return rows
+
+    def row(self, i: int, first_sibling: dict[tuple[int, int], int]) -> tuple[int, int, int, int]:
+        """The row (i, j, k, l) of atom i; records i in `first_sibling` if it is the first atom
+        placed on its (j, k)."""
+        j = min((a for a in self.neighbours[i] if a in self.order), key=self.rank)
+        k, l = self.references(i, j)
+        # siblings (atoms on the same j, with the same k, e.g. the hydrogens of a methyl):
+        # the later ones take the first as torsion reference, so their torsion is the
+        # narrow offset about the j-k axis (~ +-120 deg) instead of another copy of the
+        # wide, multimodal rotor angle
+        first = first_sibling.setdefault((j, k), i)
+        if first != i:
+            l = first
+        return (i, j, k, l)
+
+    def unplaced(self) -> list[int]:
+        """The atoms not placed (not connected to the Cartesian atoms), sorted."""
+        return sorted(set(range(self.n)) - set(self.order))
+
+
+def _check_placement_order(n: int, cart: np.ndarray, rows: np.ndarray) -> None:
+    """ValueError unless every row places a new atom from four distinct atoms whose references
+    are Cartesian or placed by an earlier row, and every one of the `n` atoms is placed."""
+    placed = set(cart.tolist())
+    for r, (i, j, k, l) in enumerate(rows.tolist()):
+        if i in placed:
+            where = "a Cartesian atom" if i in set(cart.tolist()) else "placed by an earlier row"
+            raise ValueError(f"ZMatrix row {r}: atom {i} appears more than once (it is already {where})")
+        if len({i, j, k, l}) != 4:
+            raise ValueError(f"ZMatrix row {r}: atoms (i, j, k, l) = {(i, j, k, l)} must be distinct")
+        later = [a for a in (j, k, l) if a not in placed]
+        if later:
+            raise ValueError(
+                f"ZMatrix row {r} (atom {i}): reference atoms {later} are neither Cartesian nor placed "
+                f"by an earlier row (references must be placed before the atom that uses them)"
+            )
+        placed.add(i)
+    missing = sorted(set(range(n)) - placed)
+    if missing:
+        raise ValueError(
+            f"ZMatrix does not cover every atom: {len(missing)} atom(s) are neither Cartesian nor placed "
+            f"by a row: {missing[:20]}{' ...' if len(missing) > 20 else ''}"
+        )
 
 
 _BACKBONE_NAMES = {"ACE": ("CH3", "C"), "NME": ("N", "C", "CH3")}

@@ -113,16 +113,38 @@ def run_md(target, out_dir: str | Path, settings: MDSettings | None = None, plat
     Resuming requires the same settings, target and temperature; anything else is an MDError
     that names the differing fields (start a new folder instead).
     """
-    import mdtraj
-    import openmm
-    from openmm import app, unit
+    # imported first, so that a missing dependency fails before anything is written
+    import mdtraj  # noqa: F401
+    import openmm  # noqa: F401
 
     settings = settings or MDSettings()
     settings.check()
     out_dir = Path(out_dir)
     (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
     temperature = float(settings.temperature or target.temperature)
-    metadata = {
+    metadata = _run_metadata(target, settings, temperature, platform)
+    n_chunks = -(-settings.n_frames // settings.chunk_frames)
+    chunks_done, complete = _previous_progress(out_dir, metadata, n_chunks)
+    if complete:
+        log.info("MD in %s is already complete (%d frames)", out_dir, settings.n_frames)
+        return out_dir
+    _discard_stale_chunks(out_dir, chunks_done)
+    simulation = _make_simulation(target, settings, temperature, platform, threads, chunks_done)
+    if chunks_done == 0:
+        _start_new_run(simulation, target, out_dir, settings, temperature, metadata)
+    else:
+        simulation.loadState(str(out_dir / STATE))
+        log.info("resuming MD in %s after %d of %d chunks", out_dir, chunks_done, n_chunks)
+    _run_chunks(simulation, target, out_dir, settings, metadata, chunks_done, n_chunks, progress)
+    return out_dir
+
+
+def _run_metadata(target, settings: MDSettings, temperature: float, platform: str) -> dict[str, Any]:
+    """The metadata of a run (without its progress fields): target, temperature, settings,
+    platform, OpenMM version, trajectory length and units."""
+    import openmm
+
+    return {
         **target.metadata(),
         "temperature_kelvin": temperature,
         "settings": asdict(settings),
@@ -132,27 +154,49 @@ def run_md(target, out_dir: str | Path, settings: MDSettings | None = None, plat
         "frame_interval_ps": settings.report_interval * settings.timestep_fs / 1000.0,
         "units": {"positions": "nm", "energies": "kJ/mol", "forces": "kJ/mol/nm"},
     }
-    n_chunks = -(-settings.n_frames // settings.chunk_frames)
-    meta_path = out_dir / METADATA
-    chunks_done = 0
-    if meta_path.exists():
-        old = read_metadata(out_dir)
-        keys = ("target", "n_atoms", "temperature_kelvin", "forcefield", "settings")
-        differing = [k for k in keys if old.get(k) != metadata.get(k)]
-        if differing:
-            raise MDError(
-                f"{out_dir} holds an MD run with other {', '.join(differing)} "
-                f"({ {k: old.get(k) for k in differing} }); choose a new folder to start another run"
-            )
-        chunks_done = int(old.get("chunks_done", 0))
-        if chunks_done >= n_chunks and old.get("status") == "complete":
-            log.info("MD in %s is already complete (%d frames)", out_dir, settings.n_frames)
-            return out_dir
-        if chunks_done and not (out_dir / STATE).exists():
-            raise MDError(f"{out_dir}: metadata says {chunks_done} chunks are done but {STATE} is missing")
+
+
+def _previous_progress(out_dir: Path, metadata: dict[str, Any], n_chunks: int) -> tuple[int, bool]:
+    """(chunks done, whether the run is complete) of the run already in `out_dir`; (0, False) for
+    a new folder. MDError if that run is another one, or if its checkpoint is missing."""
+    if not (out_dir / METADATA).exists():
+        return 0, False
+    old = read_metadata(out_dir)
+    _check_same_run(out_dir, old, metadata)
+    chunks_done = int(old.get("chunks_done", 0))
+    if chunks_done >= n_chunks and old.get("status") == "complete":
+        return chunks_done, True
+    if chunks_done and not (out_dir / STATE).exists():
+        raise MDError(f"{out_dir}: metadata says {chunks_done} chunks are done but {STATE} is missing")
+    return chunks_done, False
+
+
+def _check_same_run(out_dir: Path, old: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """MDError naming the fields (target, atoms, temperature, force field, settings) in which the
+    run already in `out_dir` (metadata `old`) differs from the requested one."""
+    keys = ("target", "n_atoms", "temperature_kelvin", "forcefield", "settings")
+    differing = [k for k in keys if old.get(k) != metadata.get(k)]
+    if differing:
+        raise MDError(
+            f"{out_dir} holds an MD run with other {', '.join(differing)} "
+            f"({ {k: old.get(k) for k in differing} }); choose a new folder to start another run"
+        )
+
+
+def _discard_stale_chunks(out_dir: Path, chunks_done: int) -> None:
+    """Delete the chunk files numbered `chunks_done` and up: written after the last checkpoint,
+    they are redone."""
     for stale in (out_dir / CHUNKS).glob("chunk_*"):
         if int(stale.stem.split("_")[1]) >= chunks_done:
             stale.unlink()  # written after the last checkpoint: redo it
+
+
+def _make_simulation(target, settings: MDSettings, temperature: float, platform: str, threads: int | None,
+                     chunks_done: int):
+    """An OpenMM Simulation of the target with a Langevin middle integrator, its random seed
+    derived from the settings' seed and the number of chunks already done."""
+    import openmm
+    from openmm import app, unit
 
     system = target.system
     integrator = openmm.LangevinMiddleIntegrator(
@@ -160,24 +204,42 @@ def run_md(target, out_dir: str | Path, settings: MDSettings | None = None, plat
         settings.timestep_fs * unit.femtosecond)
     integrator.setRandomNumberSeed(int(settings.seed) * 100003 + chunks_done + 1)
     properties = {"Threads": str(threads)} if (platform == "CPU" and threads) else {}
-    simulation = app.Simulation(target.topology, system, integrator,
-                                openmm.Platform.getPlatformByName(platform), properties)
-    if chunks_done == 0:
-        pdb = io.StringIO()
-        app.PDBFile.writeFile(target.topology, target.positions * unit.nanometer, pdb, keepIds=True)
-        atomic_write(out_dir / TOPOLOGY, pdb.getvalue())
-        simulation.context.setPositions(target.positions * unit.nanometer)
-        if settings.minimize:
-            simulation.minimizeEnergy()
-        simulation.context.setVelocitiesToTemperature(temperature * unit.kelvin, int(settings.seed) + 1)
-        write_json_atomic(meta_path, {**metadata, "status": "running", "chunks_done": 0, "frames_done": 0},
-                          sort_keys=True)
-        if settings.equilibration_steps:
-            log.info("equilibrating %d steps", settings.equilibration_steps)
-            simulation.step(settings.equilibration_steps)
-    else:
-        simulation.loadState(str(out_dir / STATE))
-        log.info("resuming MD in %s after %d of %d chunks", out_dir, chunks_done, n_chunks)
+    return app.Simulation(target.topology, system, integrator,
+                          openmm.Platform.getPlatformByName(platform), properties)
+
+
+def _start_new_run(simulation, target, out_dir: Path, settings: MDSettings, temperature: float,
+                   metadata: dict[str, Any]) -> None:
+    """Write the topology, set the target's structure (minimised if asked), draw velocities,
+    write the metadata of a running run with no chunk done, then equilibrate."""
+    from openmm import unit
+
+    _write_topology(target, out_dir)
+    simulation.context.setPositions(target.positions * unit.nanometer)
+    if settings.minimize:
+        simulation.minimizeEnergy()
+    simulation.context.setVelocitiesToTemperature(temperature * unit.kelvin, int(settings.seed) + 1)
+    write_json_atomic(out_dir / METADATA, {**metadata, "status": "running", "chunks_done": 0, "frames_done": 0},
+                      sort_keys=True)
+    if settings.equilibration_steps:
+        log.info("equilibrating %d steps", settings.equilibration_steps)
+        simulation.step(settings.equilibration_steps)
+
+
+def _write_topology(target, out_dir: Path) -> None:
+    """The target's topology and starting structure as `out_dir`/topology.pdb."""
+    from openmm import app, unit
+
+    pdb = io.StringIO()
+    app.PDBFile.writeFile(target.topology, target.positions * unit.nanometer, pdb, keepIds=True)
+    atomic_write(out_dir / TOPOLOGY, pdb.getvalue())
+
+
+def _run_chunks(simulation, target, out_dir: Path, settings: MDSettings, metadata: dict[str, Any],
+                chunks_done: int, n_chunks: int, progress: bool) -> None:
+    """Integrate chunks `chunks_done` .. `n_chunks` - 1; after each, write its frames, the
+    checkpoint and the metadata (in that order)."""
+    import mdtraj
 
     md_top = mdtraj.Topology.from_openmm(target.topology)
     bar = _progress(n_chunks * settings.chunk_frames, chunks_done * settings.chunk_frames, progress)
@@ -185,35 +247,55 @@ def run_md(target, out_dir: str | Path, settings: MDSettings | None = None, plat
     try:
         for k in range(chunks_done, n_chunks):
             n = min(settings.chunk_frames, settings.n_frames - k * settings.chunk_frames)
-            xyz = np.empty((n, target.n_atoms, 3), dtype=np.float32)
-            energies, forces = np.empty(n), np.empty((n, target.n_atoms, 3), dtype=np.float32)
-            for i in range(n):
-                simulation.step(settings.report_interval)
-                state = simulation.context.getState(getPositions=True, getEnergy=True, getForces=True)
-                xyz[i] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-                energies[i] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-                forces[i] = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
-                bar.update(1)
+            xyz, energies, forces = _record_frames(simulation, n, target.n_atoms, settings.report_interval, bar)
             if not np.all(np.isfinite(xyz)) or not np.all(np.isfinite(energies)):
                 raise MDError(f"MD in {out_dir} blew up in chunk {k} (non-finite positions or energies); "
                               f"reduce md.timestep_fs")
-            dcd, npz = _chunk_paths(out_dir, k)
-            with atomic_path(dcd) as tmp:
-                mdtraj.Trajectory(xyz, md_top).save_dcd(str(tmp))
-            atomic_write(npz, lambda f: np.savez(f, x=xyz, energies=energies, forces=forces))
+            _write_chunk(out_dir, k, md_top, xyz, energies, forces)
             with atomic_path(out_dir / STATE) as tmp:
                 simulation.saveState(str(tmp))
-            done = k + 1
-            write_json_atomic(meta_path, {
-                **metadata,
-                "status": "complete" if done == n_chunks else "running",
-                "chunks_done": done,
-                "frames_done": min(done * settings.chunk_frames, settings.n_frames),
-                "wall_s_last_session": time.time() - start,
-            }, sort_keys=True)
+            _write_progress(out_dir, metadata, settings, k + 1, n_chunks, time.time() - start)
     finally:
         bar.close()
-    return out_dir
+
+
+def _record_frames(simulation, n: int, n_atoms: int, report_interval: int, bar):
+    """`n` frames, one every `report_interval` steps: positions [n, n_atoms, 3] nm (float32),
+    potential energies [n] kJ/mol, forces [n, n_atoms, 3] kJ/mol/nm (float32)."""
+    from openmm import unit
+
+    xyz = np.empty((n, n_atoms, 3), dtype=np.float32)
+    energies, forces = np.empty(n), np.empty((n, n_atoms, 3), dtype=np.float32)
+    for i in range(n):
+        simulation.step(report_interval)
+        state = simulation.context.getState(getPositions=True, getEnergy=True, getForces=True)
+        xyz[i] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        energies[i] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        forces[i] = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+        bar.update(1)
+    return xyz, energies, forces
+
+
+def _write_chunk(out_dir: Path, k: int, md_top, xyz: np.ndarray, energies: np.ndarray, forces: np.ndarray) -> None:
+    """Chunk `k`: its frames as DCD (for viewers), then frames, energies and forces as npz."""
+    import mdtraj
+
+    dcd, npz = _chunk_paths(out_dir, k)
+    with atomic_path(dcd) as tmp:
+        mdtraj.Trajectory(xyz, md_top).save_dcd(str(tmp))
+    atomic_write(npz, lambda f: np.savez(f, x=xyz, energies=energies, forces=forces))
+
+
+def _write_progress(out_dir: Path, metadata: dict[str, Any], settings: MDSettings, done: int, n_chunks: int,
+                    wall_s: float) -> None:
+    """The metadata after `done` chunks: status, chunks and frames done, this session's wall time."""
+    write_json_atomic(out_dir / METADATA, {
+        **metadata,
+        "status": "complete" if done == n_chunks else "running",
+        "chunks_done": done,
+        "frames_done": min(done * settings.chunk_frames, settings.n_frames),
+        "wall_s_last_session": wall_s,
+    }, sort_keys=True)
 
 
 def _progress(total: int, initial: int, enabled: bool):
