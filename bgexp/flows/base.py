@@ -31,11 +31,13 @@ class Flow(nn.Module):
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def check_input(self, t: Tensor, name: str = "input") -> None:
-        """Fail with a message naming the expected shape when `t` is not [batch, dim]."""
-        if t.dim() != 2 or t.shape[-1] != self.dim:
+    def check_input(self, t: Tensor, name: str = "input", width: int | None = None) -> None:
+        """Fail with a message naming the expected shape when `t` is not [batch, width] (default:
+        [batch, dim], the z side)."""
+        width = self.dim if width is None else int(width)
+        if t.dim() != 2 or t.shape[-1] != width:
             raise ValueError(
-                f"{type(self).__name__} expects {name} of shape [batch, {self.dim}], "
+                f"{type(self).__name__} expects {name} of shape [batch, {width}], "
                 f"got {tuple(t.shape)}"
             )
 
@@ -65,6 +67,7 @@ class SequentialFlow(Flow):
         self.dim_out = out_dim(self.layers[-1])
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_input(z, "z")
         logdet = z.new_zeros(z.shape[0])
         for layer in self.layers:
             z, ld = layer.forward(z)
@@ -72,6 +75,7 @@ class SequentialFlow(Flow):
         return z, logdet
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_input(x, "x", self.dim_out)
         logdet = x.new_zeros(x.shape[0])
         for layer in reversed(self.layers):
             x, ld = layer.inverse(x)

@@ -87,14 +87,6 @@ class RealNVP(SequentialFlow):
             for mask in coupling_masks(dim, int(n_couplings), split)
         )
 
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        self.check_input(z, "z")
-        return super().forward(z)
-
-    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self.check_input(x, "x")
-        return super().inverse(x)
-
 
 def realnvp(space: Space, n_couplings: int = 8, hidden: Sequence[int] = (200, 200, 200), activation: str = "tanh",
             max_log_scale: float = 3.0, split: str = "half") -> RealNVP:

@@ -357,14 +357,6 @@ class NeuralSpline(SequentialFlow):
         )
         self.register_buffer("circular", circular.clone())
 
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        self.check_input(z, "z")
-        return super().forward(z)
-
-    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self.check_input(x, "x")
-        return super().inverse(x)
-
 
 def neural_spline(space: Space, n_couplings: int = 8, hidden: Sequence[int] = (128, 128), activation: str = "silu",
                   n_bins: int = 8, bound: float = 5.0, split: str = "random", seed: int = 0) -> NeuralSpline:

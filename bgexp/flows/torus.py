@@ -324,14 +324,6 @@ class SmoothTorusFlow(SequentialFlow):
         )
         self.register_buffer("circular", circular.clone())
 
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        self.check_input(z, "z")
-        return super().forward(z)
-
-    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self.check_input(x, "x")
-        return super().inverse(x)
-
 
 def smooth_torus(space: Space, n_couplings: int = 6, hidden: Sequence[int] = (128, 128), activation: str = "silu",
                  n_components: int = 8, min_slope: float = 0.05, max_log_scale: float = 3.0, split: str = "alternate",
