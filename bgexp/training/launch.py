@@ -14,7 +14,6 @@ Lightning starts the processes of a data-parallel run in one of three ways:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 # strategies whose launcher runs the script again (Lightning's subprocess-script launcher)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bgexp.evaluation import Evaluation, draw_samples, evaluate
 from bgexp.estimators import ess, log_weights

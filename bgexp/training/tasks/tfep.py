@@ -22,8 +22,6 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from bgexp.evaluation import plots
-from bgexp.spaces import Space
-from bgexp.targets.base import RigidBodyTarget
 from bgexp.training.artifacts import (RESULTS_FILE, Results, checkpoint_path, config_hash, load_checkpoint_into,
                                       write_results)
 from bgexp.training.assemble import build_target, load_run_config
