@@ -35,6 +35,7 @@ from bgexp.flows.coordinates import BoundedTorsions, MixedCoordinates, ZMatrix  
 from bgexp.flows.realnvp import RealNVP  # noqa: E402
 from bgexp.flows.splines import NeuralSpline  # noqa: E402
 from bgexp.spaces import Space  # noqa: E402
+from bgexp.training.assemble import build_transform  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "flow"
 MIXED = (True, False, False, True, False, True)
@@ -116,7 +117,8 @@ def transform_node(name: str, overrides: dict) -> dict:
 def build(name: str, dtype: torch.dtype) -> Flow:
     case = REGISTRY[name]
     torch.manual_seed(0)
-    flow = instantiate(transform_node(case.yaml, case.overrides), space=case.space) if case.yaml else \
+    # the YAML's transform through the builder runs use (the factory is called with space=case.space)
+    flow = build_transform(transform_node(case.yaml, case.overrides), case.space) if case.yaml else \
         case.build(case.space)
     flow = flow.to(dtype)
     g = torch.Generator().manual_seed(1)
