@@ -111,6 +111,9 @@ DEFAULT_TIMEOUT = 600
 
 # compare: values not compared (keys still are): timings, timestamps, paths
 IGNORED_VALUE_KEYS = {"wall_s", "step_s", "sampling_s_per_1000"}
+# reported, not counted as a difference: the hash of the resolved config changes with the output
+# folder (data paths of the MD experiments) and with any renamed or moved config key
+INFORMATIONAL_KEYS = {"config_hash"}
 TIMESTAMP_KEY = re.compile(r"(time|date|timestamp|created|started|finished)", re.I)
 TIMESTAMP_VALUE = re.compile(r"^\d{4}-\d{2}-\d{2}[ T_]\d{2}[:\-]\d{2}")
 RTOL = 1e-6
@@ -153,7 +156,10 @@ def run_one(name: str, out: Path, python: str, python_path: str | None, strict: 
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", MPLBACKEND="Agg",
                BGEXP_OUTPUT_DIR=str(output_dir), WANDB_DIR=str(cwd), WANDB_CACHE_DIR=str(cwd / "wandb-cache"),
-               WANDB_CONFIG_DIR=str(cwd / "wandb-config"), HYDRA_FULL_ERROR="1", PYTHONHASHSEED="0")
+               WANDB_CONFIG_DIR=str(cwd / "wandb-config"), HYDRA_FULL_ERROR="1", PYTHONHASHSEED="0",
+               # OpenMM's CPU platform uses all cores by default, and its MD is then not reproducible
+               # run to run (force sums in thread order; the trajectories drift apart)
+               OPENMM_CPU_THREADS=os.environ.get("OPENMM_CPU_THREADS", "1"))
     if python_path:
         env["PYTHONPATH"] = os.pathsep.join([python_path, *filter(None, [env.get("PYTHONPATH")])])
     overrides = overrides_for(name, out)
@@ -246,7 +252,7 @@ def _num(v: Any) -> bool:
 
 def diff(a: Any, b: Any, path: str = "") -> dict[str, list]:
     """Keys added/removed (recursively), numbers differing beyond RTOL, other value changes."""
-    out: dict[str, list] = {"added": [], "removed": [], "numeric": [], "changed": []}
+    out: dict[str, list] = {"added": [], "removed": [], "numeric": [], "changed": [], "informational": []}
 
     def walk(x: Any, y: Any, p: str, key: str) -> None:
         if isinstance(x, dict) and isinstance(y, dict):
@@ -260,6 +266,10 @@ def diff(a: Any, b: Any, path: str = "") -> dict[str, list]:
                     walk(x[k], y[k], q, str(k))
             return
         if _ignored(key, x, y):
+            return
+        if key in INFORMATIONAL_KEYS:
+            if x != y:
+                out["informational"].append({"key": p, "before": x, "after": y})
             return
         if isinstance(x, list) and isinstance(y, list):
             if len(x) != len(y):
@@ -303,12 +313,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                            "dropped_overrides": r.get("dropped_overrides", []),
                                            "has_results": r.get("results") is not None}
             for side, r in rec.items()}
-        if b is not None and a is not None:
-            entry["overrides_differ"] = b.get("overrides") != a.get("overrides")
+        if b is not None and a is not None:  # the overrides, with each side's --out folder as {out}
+            templates = [[o.replace(str(Path(r["log"]).parent), "{out}") for o in r.get("overrides", [])]
+                         for r in (b, a)]
+            entry["overrides_differ"] = templates[0] != templates[1]
         if b and a and b.get("results") is not None and a.get("results") is not None:
             d = diff(b["results"], a["results"])
             entry.update(d)
-            entry["identical"] = not any(d.values())
+            entry["identical"] = not any(v for k, v in d.items() if k != "informational")
         else:
             entry["identical"] = None
         report["experiments"][name] = entry
@@ -317,8 +329,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     lines = [f"# Tiny runs: before `{before}` vs after `{after}`", "",
              f"Numbers compared with relative tolerance {RTOL:g}; values of {sorted(IGNORED_VALUE_KEYS)}, "
-             "timestamps, files/figures and paths are not compared (their keys are). `config_hash` changes "
-             "whenever the composed config does (a renamed or moved key), not only with behaviour.", "",
+             "timestamps, files/figures and paths are not compared (their keys are). `config_hash` is listed "
+             "but not counted: it changes with the output folder (MD data paths) and with any renamed or "
+             "moved config key.", "",
              "| experiment | exit before | exit after | wall before (s) | wall after (s) | added | removed | "
              "numeric diffs | other diffs | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in report["experiments"].items():
@@ -361,6 +374,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             lines += ["", "| key | before | after |", "|---|---|---|"]
             lines += [f"| `{d['key']}` | {_short(d['before'])} | {_short(d['after'])} |"
                       for d in e["changed"][: args.max_rows]]
+        for d in e["informational"]:
+            lines.append(f"- (informational) `{d['key']}`: {_short(d['before'])} -> {_short(d['after'])}")
     (out_dir / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\n[tiny_runs] wrote {out_dir / 'compare.md'} and {out_dir / 'compare.json'}")
