@@ -208,6 +208,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     names = args.only or experiments()
     names = [n for n in names if n not in set(args.skip or [])]
+    if (out / "md").exists() and not args.keep_md:  # the shared ALA2 MD: made afresh by the first ALA2 run
+        shutil.rmtree(out / "md")
     if args.python_path:
         probe = subprocess.run([args.python, "-c", "import bgexp; print(bgexp.__file__)"], capture_output=True,
                                text=True, env={**os.environ, "PYTHONPATH": args.python_path}, cwd=out)
@@ -393,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--skip", nargs="+", metavar="NAME", help="not these experiments")
     run.add_argument("--timeout", type=float, help="seconds per run (default: per experiment, 600-900)")
     run.add_argument("--strict", action="store_true", help="do not drop overrides the config lacks")
+    run.add_argument("--keep-md", action="store_true", help="reuse <out>/md (the ALA2 MD) from an earlier run")
     run.set_defaults(func=cmd_run)
     cmp = sub.add_parser("compare", help="compare two `run` folders: compare.md and compare.json")
     cmp.add_argument("before")
