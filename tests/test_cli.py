@@ -63,6 +63,11 @@ def test_eval_and_sample_reuse_the_checkpoint(tiny_run):
     assert data["x"].shape == (123, 76)
     np.testing.assert_allclose(data["log_w"], -data["energy"] - data["log_q"], rtol=1e-10)
 
+    # a name without .npz: the file written is the one printed
+    proc = run_cli("bgexp-sample", [f"run_dir={run_dir}", "n_samples=5", f"out={tmp / 'plain'}"], tmp)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp / "plain.npz").is_file() and str(tmp / "plain.npz") in proc.stdout
+
 
 def test_csv_logger_and_no_logger(tmp_path):
     proc = run_cli("bgexp-train", [*TINY, "trainer.max_epochs=1", "logger=csv", "evaluation.every_n_epochs=5"], tmp_path)

@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bgexp.atomic import write_json_atomic
+from bgexp.atomic import atomic_write, write_json_atomic
 from bgexp.training.artifacts import ConfigInCheckpoint, read_checkpoint
 from bgexp.training.assemble import build_callbacks, build_logger, build_target
 from bgexp.training.launch import check_parallel_launch, is_multirun
@@ -56,7 +56,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
-    OmegaConf.save(OmegaConf.create(resolved), run_dir / RESOLVED_CONFIG)
+    atomic_write(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(OmegaConf.create(resolved)))
     target = build_target(cfg)
     try:  # an OpenMM target owns worker processes: closed however training ends (errors, Ctrl-C)
         return _fit(cfg, task, target, run_dir, start)

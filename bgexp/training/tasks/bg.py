@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from bgexp.atomic import atomic_write
 from bgexp.evaluation import Evaluation, draw_samples, evaluate
 from bgexp.estimators import ess, log_weights
 from bgexp.targets.base import MolecularTarget
@@ -100,8 +101,10 @@ class BoltzmannGeneratorTask(Task):
             model.target.close()
         log_w = log_weights(u, log_q)
         out = Path(settings.out) if settings.get("out") else Path(run_dir) / f"samples-{time.strftime('%Y%m%d-%H%M%S')}.npz"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, x=x.numpy(), log_q=log_q.double().numpy(), energy=u.double().numpy(), log_w=log_w)
+        if out.suffix != ".npz":  # the printed path is the file's (np.savez would append .npz silently)
+            out = out.with_name(out.name + ".npz")
+        arrays = {"x": x.numpy(), "log_q": log_q.double().numpy(), "energy": u.double().numpy(), "log_w": log_w}
+        atomic_write(out, lambda f: np.savez(f, **arrays))
         print(f"wrote {len(x)} samples (ESS {100 * ess(log_w):.2f}%) to {out}", flush=True)
         return out
 
@@ -134,7 +137,7 @@ def results_of(cfg: DictConfig, model: BoltzmannGenerator, evaluation: Evaluatio
 def write_samples(model: BoltzmannGenerator, evaluation: Evaluation, run_dir: Path) -> dict[str, str]:
     """samples.npz (x, log_q, energy, log_w) and, for molecular targets, samples.dcd."""
     samples_path = run_dir / "samples.npz"
-    np.savez(samples_path, **evaluation.samples)
+    atomic_write(samples_path, lambda f: np.savez(f, **evaluation.samples))
     files = {"samples": str(samples_path)}
     if isinstance(model.target, MolecularTarget):
         files.update(write_sample_trajectory(model.target, evaluation.samples, run_dir))

@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from bgexp.evaluation import plots
+from bgexp.atomic import atomic_write
 from bgexp.training.artifacts import (RESULTS_FILE, Results, checkpoint_path, config_hash, load_checkpoint_into,
                                       write_results)
 from bgexp.training.assemble import build_target, load_run_config
@@ -108,7 +109,7 @@ def finish_tfep(cfg: DictConfig, target, module: TargetedFEP, data: StatePairDat
                                seed=seed, reference=reference)
     works = evaluation.pop("works")
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(out_dir / "works.npz", **works)
+    atomic_write(out_dir / "works.npz", lambda f: np.savez(f, **works))
     figures = {"works": str(plot_works(works, data, module, out_dir / "figures" / "works.png"))}
     lfep = evaluation["estimates"]["lfep"]
     delta_f = {f"{cfg.tfep.temperature_a:g}K->{target.temperature:g}K": {
