@@ -72,6 +72,21 @@ class Task(ABC):
                                         f"(use bgexp-eval run_dir={run_dir})")
 
 
+def training_block(fit: FitContext) -> dict[str, Any]:
+    """results.json's `training` block: optimiser steps (read from checkpoints/last.ckpt when this
+    process did none: under ddp_spawn the workers did them), seconds per training step (StepTimer,
+    when it is among the callbacks) and trainable parameters of the flow."""
+    from bgexp.training.artifacts import read_checkpoint
+    from bgexp.training.callbacks import StepTimer
+
+    steps, last = fit.trainer.global_step, fit.run_dir / "checkpoints" / "last.ckpt"
+    if not steps and last.is_file():
+        steps = int(read_checkpoint(last)["global_step"])
+    timer = next((c for c in fit.trainer.callbacks if isinstance(c, StepTimer)), None)
+    return {"steps": steps, "step_s": timer.seconds_per_step if timer is not None else None,
+            "n_parameters": sum(p.numel() for p in fit.module.flow.parameters() if p.requires_grad)}
+
+
 def build_task(cfg: DictConfig) -> Task:
     """The task of a composed or stored config (`task._target_`). Configs of runs written before the
     task group existed have none: those with a `tfep` block are targeted-FEP runs, the others
@@ -93,4 +108,4 @@ def build_task(cfg: DictConfig) -> Task:
     return cls(**kwargs)
 
 
-__all__ = ["Task", "FitContext", "build_task"]
+__all__ = ["Task", "FitContext", "build_task", "training_block"]

@@ -20,11 +20,11 @@ from bgexp.evaluation import Evaluation, draw_samples, evaluate
 from bgexp.estimators import ess, log_weights
 from bgexp.targets.base import MolecularTarget
 from bgexp.training.artifacts import (RESULTS_FILE, Results, checkpoint_path, config_hash, load_checkpoint_into,
-                                      read_checkpoint, write_results)
+                                      write_results)
 from bgexp.training.assemble import build_datamodule, build_model, build_target, load_run_config
-from bgexp.training.callbacks import EvaluationCallback, StepTimer, log_figures
+from bgexp.training.callbacks import EvaluationCallback, log_figures
 from bgexp.training.module import BoltzmannGenerator
-from bgexp.training.tasks import FitContext, Task
+from bgexp.training.tasks import FitContext, Task, training_block
 
 
 class BoltzmannGeneratorTask(Task):
@@ -61,9 +61,7 @@ class BoltzmannGeneratorTask(Task):
         wandb_dir = log_final(fit, evaluation) if _is_wandb(fit.logger) else None
         if wandb_dir:
             files["wandb_run"] = wandb_dir
-        training = {"steps": _steps(trainer, checkpoint_dir), "step_s": _step_seconds(trainer),
-                    "n_parameters": sum(p.numel() for p in model.flow.parameters() if p.requires_grad)}
-        results = results_of(cfg, model, evaluation, time.time() - fit.start, files, {"training": training})
+        results = results_of(cfg, model, evaluation, time.time() - fit.start, files, {"training": training_block(fit)})
         path = fit.run_dir / RESULTS_FILE
         written = write_results(path, results)
         print_summary(path, written, wandb_dir)
@@ -178,18 +176,6 @@ def log_final(fit: FitContext, evaluation: Evaluation) -> str:
     fit.logger.log_metrics(scalars, step=trainer.global_step)
     log_figures(trainer, {f"final_{k}": v for k, v in evaluation.figures.items()}, trainer.global_step)
     return str(Path(fit.logger.experiment.dir).parent)
-
-
-def _steps(trainer, checkpoint_dir: Path) -> int:
-    steps = trainer.global_step
-    if not steps and (checkpoint_dir / "last.ckpt").is_file():  # ddp_spawn: the workers did the steps
-        steps = int(read_checkpoint(checkpoint_dir / "last.ckpt")["global_step"])
-    return steps
-
-
-def _step_seconds(trainer) -> float | None:
-    timer = next((c for c in trainer.callbacks if isinstance(c, StepTimer)), None)
-    return timer.seconds_per_step if timer is not None else None
 
 
 def print_summary(path: Path, results: dict[str, Any], wandb_dir: str | None) -> None:

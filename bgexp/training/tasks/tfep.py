@@ -25,9 +25,9 @@ from bgexp.evaluation import plots
 from bgexp.atomic import atomic_write
 from bgexp.training.artifacts import (RESULTS_FILE, Results, checkpoint_path, config_hash, load_checkpoint_into,
                                       write_results)
-from bgexp.training.assemble import build_target, load_run_config
-from bgexp.training.callbacks import StepTimer, log_figures
-from bgexp.training.tasks import FitContext, Task
+from bgexp.training.assemble import build_target, build_transform, load_run_config
+from bgexp.training.callbacks import log_figures
+from bgexp.training.tasks import FitContext, Task, training_block
 from bgexp.training.tfep import StatePairData, StateSamples, TargetedFEP, evaluate_tfep, load_state
 
 
@@ -44,10 +44,8 @@ class TargetedFEPTask(Task):
         return build_tfep(cfg, target)
 
     def finish(self, fit: FitContext) -> dict[str, Any]:
-        timer = next((c for c in fit.trainer.callbacks if isinstance(c, StepTimer)), None)
-        training = {"steps": fit.trainer.global_step, "step_s": timer.seconds_per_step if timer else None,
-                    "n_parameters": sum(p.numel() for p in fit.module.flow.parameters() if p.requires_grad)}
-        return finish_tfep(fit.cfg, fit.module.target, fit.module, fit.datamodule, fit.run_dir, fit.start, training,
+        return finish_tfep(fit.cfg, fit.module.target, fit.module, fit.datamodule, fit.run_dir, fit.start,
+                           training_block(fit),
                            logger=fit.logger, trainer=fit.trainer,
                            files={"checkpoint": str(fit.run_dir / "checkpoints" / "last.ckpt")})
 
@@ -77,7 +75,7 @@ def build_tfep(cfg: DictConfig, target) -> tuple[TargetedFEP, StatePairData]:
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = TargetedFEP(flow, target, float(node.temperature_a), optimizer=instantiate(cfg.optim),
                          scheduler=scheduler, random_translations=bool(node.get("random_translations", False)),
-                         seed=int(cfg.seed))
+                         seed=int(cfg.seed), max_consecutive_nonfinite=int(cfg.max_consecutive_nonfinite))
     data = StatePairData(state_a, state_b, val_fraction=float(node.val_fraction), batch_size=int(node.batch_size),
                          seed=int(cfg.seed))
     return module, data
@@ -86,8 +84,6 @@ def build_tfep(cfg: DictConfig, target) -> tuple[TargetedFEP, StatePairData]:
 def build_tfep_flow(cfg: DictConfig, target):
     """The flow of a targeted-FEP experiment, built on the target's space (a rigid-body target gives
     the molecule count and the box)."""
-    from bgexp.training.assemble import build_transform
-
     return build_transform(cfg.flow.transform, target.space)
 
 
