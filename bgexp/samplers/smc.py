@@ -245,7 +245,10 @@ def smc(
     adapts its step size during the moves unless frozen.  schedule: "adaptive" (CESS, with
     ``cess_target`` in (0, 1)) or a list of b values.  resample_threshold in [0, 1] (0: never, AIS).
     max_energy_evals: budget in log_pi1 evaluations (points).  log_weights0: optional initial
-    log importance weights of y0 w.r.t. pi_0 (default: exact samples, all zero).  generator: a
+    log importance weights when y0 ~ q is not pi_0 itself, log_weights0 = log pi_0(y0) - log q(y0)
+    (default: exact samples of pi_0, all zero); log_normalizer then estimates log Z_1 / Z_q.  This
+    lets a flow whose density is costly (a CNF: one ODE solve per evaluation) be used once per
+    sample, annealing from a cheap pi_0 (a Gaussian or harmonic fit) with energies only.  generator: a
     torch.Generator on y0's device for every random draw.  progress: a tqdm bar over b.
 
     Raises, before any energy evaluation: BudgetError (no particles, budget below one level),
