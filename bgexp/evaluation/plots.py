@@ -21,7 +21,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_energy_histograms", "plot_free_energy_profile", "plot_free_energy_surface", "plot_observable_histogram"]
+__all__ = ["plot_energy_histograms", "plot_free_energy_profile", "plot_free_energy_surface", "plot_observable_histogram",
+           "plot_smc_history"]
 
 ArrayLike = np.ndarray | Sequence[float]
 
@@ -286,4 +287,27 @@ def plot_free_energy_surface(
         ax.set_ylabel(ylabel)
         ax.set_title(name if title is None or name == "reference" else title, fontsize="small")
     fig.colorbar(image, ax=list(axes), label="free energy F [kT]")
+    return save_figure(fig, path)
+
+
+def plot_smc_history(histories: dict[str, dict[str, list]], path: str | Path, title: str = "") -> Path:
+    """The annealing of SMC runs: b (top) and the ESS fraction after each reweighting (bottom)
+    against the level, one line per run (e.g. per state); resampled levels marked."""
+    fig = new_figure((6.0, 5.0))
+    ax_b, ax_ess = fig.subplots(2, 1, sharex=True)
+    for name, table in histories.items():
+        levels, b, ess = table.get("level", []), table.get("b", []), table.get("ess", [])
+        line = ax_b.plot(levels, b, marker=".", label=name)[0]
+        ax_ess.plot(levels, ess, marker=".", color=line.get_color())
+        marked = [(lv, e) for lv, e, r in zip(levels, ess, table.get("resampled", [])) if r]
+        if marked:
+            ax_ess.scatter(*zip(*marked), marker="x", color=line.get_color())
+    ax_b.set_ylabel("b")
+    ax_ess.set_ylabel("ESS / N (x: resampled)")
+    ax_ess.set_xlabel("level")
+    ax_ess.set_ylim(0, 1.05)
+    if histories:
+        ax_b.legend(fontsize=8)
+    if title:
+        ax_b.set_title(title)
     return save_figure(fig, path)

@@ -14,6 +14,7 @@ gives the transform and the prior their circular mask.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bgexp.flows.base import SequentialFlow
+from bgexp.flows.base import Flow, SequentialFlow
 from bgexp.spaces import Space, SpaceError
 from bgexp.targets.base import MolecularTarget
 from bgexp.training.data import TargetDataModule
@@ -62,9 +63,21 @@ def build_transform(node: DictConfig | dict[str, Any], space: Space):
         raise ConfigError(f"flow.transform ({transform.get('_target_')}): {err}") from err
 
 
-def build_flow(flow_cfg: DictConfig | dict[str, Any], target, data: torch.Tensor | None = None):
-    """(prior, flow) of a flow recipe (module docstring) on the target's space; the representation
-    layers are fitted to `data` (when given; a checkpoint provides them otherwise)."""
+@dataclass
+class BuiltFlow:
+    """A built flow recipe: the prior, the whole flow x = R(T(z)), the latent space (where the prior
+    and the transform T live) and the fixed representation R alone (None without layers; the
+    no-flow baselines of the SMC refinement start from the prior pushed through R only)."""
+
+    prior: torch.nn.Module
+    flow: Flow
+    latent_space: Space
+    representation: Flow | None
+
+
+def build_flow(flow_cfg: DictConfig | dict[str, Any], target, data: torch.Tensor | None = None) -> BuiltFlow:
+    """The flow recipe (module docstring) on the target's space; the representation layers are
+    fitted to `data` (when given; a checkpoint provides them otherwise)."""
     flow_cfg = OmegaConf.create(flow_cfg) if isinstance(flow_cfg, dict) else flow_cfg
     space = target.space
     topology = target.topology if isinstance(target, MolecularTarget) else None
@@ -87,15 +100,17 @@ def build_flow(flow_cfg: DictConfig | dict[str, Any], target, data: torch.Tensor
     except SpaceError as err:
         raise ConfigError(f"flow.prior ({flow_cfg.prior.get('_target_')}): {err}; a space with circular features "
                           f"needs a prior on the circle (bgexp.flows.TorusPrior)") from err
-    layers = [layer.to(torch.get_default_dtype()) for layer in layers]
-    parts = [transform, *reversed(layers)]
-    return prior, parts[0] if len(parts) == 1 else SequentialFlow(parts)
+    layers = [layer.to(torch.get_default_dtype()) for layer in reversed(layers)]
+    parts = [transform, *layers]
+    representation = None if not layers else layers[0] if len(layers) == 1 else SequentialFlow(layers)
+    return BuiltFlow(prior, parts[0] if len(parts) == 1 else SequentialFlow(parts), space, representation)
 
 
 def build_model(cfg: DictConfig, target, data: torch.Tensor | None = None) -> BoltzmannGenerator:
     """Prior + flow (the recipe of cfg.flow, fitted to `data`) + target + loss + optimiser."""
-    prior, flow = build_flow(cfg.flow, target, data)
-    return BoltzmannGenerator(prior=prior, flow=flow, target=target, loss=instantiate(cfg.loss),
+    built = build_flow(cfg.flow, target, data)
+    return BoltzmannGenerator(prior=built.prior, flow=built.flow, target=target, loss=instantiate(cfg.loss),
+                              latent_space=built.latent_space, representation=built.representation,
                               optimizer=instantiate(cfg.optim),
                               scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
                               seed=cfg.seed, max_consecutive_nonfinite=cfg.max_consecutive_nonfinite)
@@ -145,5 +160,5 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
-__all__ = ["build_target", "build_transform", "build_flow", "build_model", "build_datamodule", "build_logger",
+__all__ = ["BuiltFlow", "build_target", "build_transform", "build_flow", "build_model", "build_datamodule", "build_logger",
            "build_callbacks", "load_run_config", "ConfigError"]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from bgexp.flows.base import Flow, out_dim
+from bgexp.spaces import Space
 from bgexp.targets.base import Target
 from bgexp.training.base_module import FlowModule, NonFiniteLossError
 from bgexp.evaluation.metrics import force_matching_error
@@ -30,6 +31,8 @@ class BoltzmannGenerator(FlowModule):
         scheduler: Callable[..., Any] | None = None,
         seed: int = 0,
         max_consecutive_nonfinite: int = 50,
+        latent_space: Space | None = None,
+        representation: Flow | None = None,
     ):
         super().__init__(optimizer, scheduler, seed=seed, max_consecutive_nonfinite=max_consecutive_nonfinite)
         if getattr(prior, "dim", flow.dim) != flow.dim:
@@ -37,6 +40,10 @@ class BoltzmannGenerator(FlowModule):
         if out_dim(flow) != target.dim:
             raise ValueError(f"flow output dim {out_dim(flow)} does not match target dim {target.dim}")
         self.prior, self.flow, self.target, self.loss = prior, flow, target, loss
+        # where the prior lives (the space after the flow recipe's representation layers), and the
+        # fixed representation alone (not a submodule: its buffers are the flow's own)
+        self.latent_space = latent_space if latent_space is not None else Space(flow.dim)
+        self.__dict__["representation"] = representation
         self.latent_generator: torch.Generator | None = None
 
     # density and sampling --------------------------------------------------------------------

@@ -13,16 +13,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bgexp.atomic import atomic_write
-from bgexp.evaluation import Evaluation, draw_samples, evaluate
 from bgexp.estimators import ess, log_weights
+from bgexp.evaluation import Evaluation, draw_samples, evaluate
+from bgexp.evaluation.refinement import SMCSettings, smc_block, smc_figures
 from bgexp.targets.base import MolecularTarget
-from bgexp.training.artifacts import (RESULTS_FILE, Results, checkpoint_path, config_hash, load_checkpoint_into,
-                                      write_results)
-from bgexp.training.assemble import build_datamodule, build_model, build_target, load_run_config
+from bgexp.training.artifacts import (
+    RESULTS_FILE,
+    Results,
+    checkpoint_path,
+    config_hash,
+    load_checkpoint_into,
+    write_results,
+)
+from bgexp.training.assemble import (
+    build_datamodule,
+    build_model,
+    build_target,
+    load_run_config,
+)
 from bgexp.training.callbacks import EvaluationCallback, log_figures
+from bgexp.training.errors import ConfigError
 from bgexp.training.module import BoltzmannGenerator
 from bgexp.training.tasks import FitContext, Task, training_block
 
@@ -34,6 +47,7 @@ class BoltzmannGeneratorTask(Task):
         super().__init__(name, monitor)
 
     def build(self, cfg: DictConfig, target):
+        smc_settings(cfg)  # a bad smc setting fails here, before data and training
         datamodule = build_datamodule(cfg, target)
         datamodule.setup()
         return build_model(cfg, target, data=datamodule.x_train), datamodule
@@ -54,14 +68,16 @@ class BoltzmannGeneratorTask(Task):
         if synced is not None:
             model.n_energy_evals_train = max(model.n_energy_evals_train, int(float(synced)))
         evaluation = final_evaluation(cfg, model, datamodule.x_val, fit.run_dir, forces=datamodule.f_val)
+        refined = refine_by_smc(cfg, model, evaluation, fit.run_dir / "figures")
         checkpoint_dir = fit.run_dir / "checkpoints"
         files: dict[str, Any] = {"checkpoint": str(checkpoint_dir / "last.ckpt"), "data": datamodule.source}
         if cfg.get("save_samples", True):
             files.update(write_samples(model, evaluation, fit.run_dir))
-        wandb_dir = log_final(fit, evaluation) if _is_wandb(fit.logger) else None
+        wandb_dir = log_final(fit, evaluation, refined) if _is_wandb(fit.logger) else None
         if wandb_dir:
             files["wandb_run"] = wandb_dir
-        results = results_of(cfg, model, evaluation, time.time() - fit.start, files, {"training": training_block(fit)})
+        results = results_of(cfg, model, evaluation, time.time() - fit.start, files,
+                             {"training": training_block(fit), **refined})
         path = fit.run_dir / RESULTS_FILE
         written = write_results(path, results)
         print_summary(path, written, wandb_dir)
@@ -79,9 +95,10 @@ class BoltzmannGeneratorTask(Task):
             evaluation = evaluate(model, n_samples=settings.n_samples, batch_size=settings.batch_size,
                                   n_bootstrap=settings.n_bootstrap, confidence=settings.confidence, data=data,
                                   figure_dir=out_dir / "figures")
+            refined = refine_by_smc(settings, model, evaluation, out_dir / "figures")
             files = {"checkpoint": str(ckpt), "data": datamodule.source}
             results = results_of(run_cfg, model, evaluation, time.time() - start, files,
-                                 {"evaluated_from": str(run_dir)})
+                                 {"evaluated_from": str(run_dir), **refined})
             path = out_dir / RESULTS_FILE
             written = write_results(path, results)
             print_summary(path, written, None)
@@ -121,13 +138,37 @@ def final_evaluation(cfg: DictConfig, model: BoltzmannGenerator, data: torch.Ten
                     figure_dir=run_dir / "figures", forces=forces)
 
 
+def smc_settings(cfg: DictConfig) -> SMCSettings | None:
+    """The `smc` group's settings (None when it is off), checked."""
+    node = cfg.get("smc")
+    if node is None:
+        return None
+    try:
+        return SMCSettings(**OmegaConf.to_container(node, resolve=True))
+    except TypeError as err:  # an unknown key
+        raise ConfigError(f"smc: {err} (keys: {sorted(SMCSettings.__dataclass_fields__)})") from err
+
+
+def refine_by_smc(cfg: DictConfig, model: BoltzmannGenerator, evaluation: Evaluation, figure_dir: Path) -> dict:
+    """The `smc` block of results.json (empty when smc is off); its figures join the evaluation's."""
+    settings = smc_settings(cfg)
+    if settings is None:
+        return {}
+    block = smc_block(model, settings, seed=int(cfg.seed))
+    evaluation.figures.update(smc_figures(block, figure_dir))
+    return {"smc": block}
+
+
 def results_of(cfg: DictConfig, model: BoltzmannGenerator, evaluation: Evaluation, wall_s: float,
                files: dict[str, Any], blocks: dict[str, Any]) -> Results:
     metrics = evaluation.metrics
+    n_energy_evals = {"training": model.n_energy_evals_train, "evaluation": model.n_energy_evals_eval}
+    if "smc" in blocks:
+        n_energy_evals["smc"] = int(blocks["smc"]["flow"]["n_energy_evals"])
     return Results(
         experiment=cfg.get("experiment_name"), config_hash=config_hash(cfg), seed=int(cfg.seed), ess=metrics["ess"],
         n_samples=int(metrics["n_samples"]), delta_f=evaluation.delta_f, nll_test=metrics.get("nll_test"),
-        n_energy_evals={"training": model.n_energy_evals_train, "evaluation": model.n_energy_evals_eval},
+        n_energy_evals=n_energy_evals,
         wall_s=wall_s, figures=evaluation.figures, files=files,
         blocks={"n_nonfinite_energies": int(metrics["n_nonfinite_energies"]), "metrics": metrics, **blocks})
 
@@ -166,16 +207,48 @@ def _is_wandb(logger) -> bool:
     return isinstance(logger, WandbLogger)
 
 
-def log_final(fit: FitContext, evaluation: Evaluation) -> str:
-    """The final scalars and figures into the W&B run; returns the W&B run folder."""
+def log_final(fit: FitContext, evaluation: Evaluation, refined: dict[str, Any]) -> str:
+    """The final scalars (with the SMC refinement's) and figures into the W&B run; returns the W&B
+    run folder."""
     trainer, model = fit.trainer, fit.module
     scalars = {f"final/{k}": v for k, v in evaluation.metrics.items()}
+    scalars.update(smc_scalars(refined.get("smc")))
     scalars.update({"final/wall_s": time.time() - fit.start,
                     "final/energy_evals_training": float(model.n_energy_evals_train),
                     "final/energy_evals_evaluation": float(model.n_energy_evals_eval)})
     fit.logger.log_metrics(scalars, step=trainer.global_step)
     log_figures(trainer, {f"final_{k}": v for k, v in evaluation.figures.items()}, trainer.global_step)
     return str(Path(fit.logger.experiment.dir).parent)
+
+
+def smc_scalars(block: dict[str, Any] | None) -> dict[str, float]:
+    """final/smc/<source>/... scalars: Delta F with its interval, the mean final ESS, energy evaluations."""
+    scalars: dict[str, float] = {}
+    for source in ("flow", *(block["settings"]["baselines"] if block else ())):
+        entry = block[source]
+        for name, estimate in entry["delta_f"].items():
+            for key in ("value", "ci_low", "ci_high", "error"):
+                if estimate.get(key) is not None:
+                    scalars[f"final/smc/{source}/delta_f/{name}/{key}"] = float(estimate[key])
+        for state, value in entry["ess"].items():
+            scalars[f"final/smc/{source}/ess/{state}"] = float(value)
+        scalars[f"final/smc/{source}/energy_evals"] = float(entry["n_energy_evals"])
+    return scalars
+
+
+def _smc_lines(block: dict[str, Any]) -> list[str]:
+    lines = []
+    for source in ("flow", *block["settings"]["baselines"]):
+        entry = block[source]
+        ess = ", ".join(f"{k} {100 * v:.0f}%" for k, v in entry["ess"].items())
+        for name, e in entry["delta_f"].items():
+            text = (f"SMC from the {source}: Delta F({name}) = {e['value']:.3f} kT, {100 * e['confidence']:.0f}% CI "
+                    f"[{e['ci_low']:.3f}, {e['ci_high']:.3f}]" if e["value"] is not None
+                    else f"SMC from the {source}: Delta F({name}) undefined (a state lost all weight)")
+            if e.get("reference") is not None:
+                text += f"; reference {e['reference']:.3f} kT"
+            lines.append(f"{text} (final ESS {ess}; {entry['n_energy_evals']} energy evaluations)")
+    return lines
 
 
 def print_summary(path: Path, results: dict[str, Any], wandb_dir: str | None) -> None:
@@ -190,6 +263,8 @@ def print_summary(path: Path, results: dict[str, Any], wandb_dir: str | None) ->
         if entry.get("reference") is not None:
             text += f"; reference {entry['reference']:.3f} kT"
         lines.append(text)
+    if results.get("smc"):
+        lines += _smc_lines(results["smc"])
     if results.get("nll_test") is not None:
         lines.append(f"NLL (held-out data): {results['nll_test']:.3f}")
     lines.append(f"results: {path}")

@@ -1,0 +1,65 @@
+"""SMC refinement through the CLI (smc=default): the torus toy target, a short maximum-likelihood
+run, then annealed SMC from the flow and from the prior, per state, with replicate intervals;
+bgexp-eval repeats it on the checkpoint; a bad SMC setting fails before any work."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import run_cli
+
+SMALL_SMC = ["smc=default", "smc.n_particles=150", "smc.n_replicates=3", "smc.progress=false", "smc.step_size=0.3"]
+TINY = ["experiment=torus_spline", "data.generate.n_samples=2000", "data.batch_size=128", "flow.transform.hidden=[32]",
+        "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "evaluation.every_n_epochs=2",
+        "evaluation.n_samples=300", "evaluation.n_bootstrap=10", "evaluation.final_n_samples=1000",
+        "evaluation.final_n_bootstrap=10", "logger=csv"]
+
+
+def _check_block(results: dict) -> None:
+    block = results["smc"]
+    assert block["settings"]["n_particles"] == 150 and block["settings"]["n_replicates"] == 3
+    for source in ("flow", "prior"):
+        entry = block[source]
+        assert entry["mode"] == "per_state" and set(entry["ess"]) == {"left", "right"}
+        estimate = entry["delta_f"]["left->right"]
+        assert len(estimate["replicates"]) == 3 and math.isfinite(estimate["value"])
+        assert estimate["ci_low"] < estimate["value"] < estimate["ci_high"]
+        assert estimate["reference"] == pytest.approx(0.782352, abs=1e-5)
+        assert abs(estimate["error"]) < 0.5  # 2-D, 150 particles: a loose check; coverage is tests/test_samplers.py's
+        assert entry["n_energy_evals"] > 3 * 2 * 150
+        assert 0 < min(entry["ess"].values()) <= 1
+    assert results["n_energy_evals"]["smc"] == block["flow"]["n_energy_evals"]
+    assert Path(results["figures"]["smc_flow"]).is_file() and Path(results["figures"]["smc_prior"]).is_file()
+
+
+@pytest.mark.slow
+def test_smc_refinement_through_train_and_eval(tmp_path):
+    proc = run_cli("bgexp-train", [*TINY, *SMALL_SMC], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "SMC from the flow: Delta F(left->right)" in proc.stdout
+    run_dir = next((tmp_path / "outputs" / "runs" / "torus_spline").iterdir())
+    _check_block(json.loads((run_dir / "results.json").read_text()))
+
+    proc = run_cli("bgexp-eval", [f"run_dir={run_dir}", "n_samples=500", "n_bootstrap=10", *SMALL_SMC], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    _check_block(json.loads(next((run_dir / "eval").glob("*/results.json")).read_text()))
+
+
+@pytest.mark.parametrize("bad, message", [("smc.n_particles=0", "n_particles must be >= 2"),
+                                          ("smc.n_replicates=1", "n_replicates must be >= 2"),
+                                          ("smc.kernel=gibbs", "smc.kernel must be one of"),
+                                          ("+smc.particles=10", "smc: .*particles")])
+def test_a_bad_smc_setting_fails_before_any_work(bad, message, tmp_path):
+    import re
+
+    start = time.time()
+    proc = run_cli("bgexp-train", [*TINY, *SMALL_SMC, bad], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert re.search(message, proc.stderr), proc.stderr[-3000:]
+    assert not list((tmp_path / "outputs").rglob("*.npz"))  # no data were generated
+    assert time.time() - start < 60
