@@ -369,7 +369,6 @@ def test_smc_delta_f_between_mixture_wells():
     est = delta_f_estimate(results, lambda y: y[:, 0] < 0, lambda y: y[:, 0] > 0)
     assert est.std_err < 0.05
     assert abs(est.value - DF_EXACT) < 4 * est.std_err, (est.value, DF_EXACT, est.std_err)
-    assert est.covers(DF_EXACT) or abs(est.value - DF_EXACT) < 4 * est.std_err
     # log Z of the normalised mixture against the normalised broad Gaussian ratio: Z_1/Z_0 = sqrt(2 pi)/(3 sqrt(2 pi))
     z = log_normalizer_estimate(results)
     assert abs(z.value - math.log(1 / 3.0)) < 4 * z.std_err

@@ -183,12 +183,15 @@ class MALA(Kernel):
         geo = self.geometry
         eps = self.step_size
         half = 0.5 * eps * eps
+        # y, y' and the projected drifts are mean-free, so are both displacements below; the noise
+        # is projected by `prepare` (the mean-free part of y + drift + eps xi is y + drift + eps P xi)
         mean_fwd = state.y + half * geo.project(state.grad)
-        y_new = geo.prepare(mean_fwd + eps * self._noise(state.y, generator))
+        xi = torch.randn(state.y.shape, generator=generator, device=state.y.device, dtype=state.y.dtype)
+        y_new = geo.prepare(mean_fwd + eps * xi)
         prop = density.evaluate(y_new, need_grad=True)
         mean_bwd = prop.y + half * geo.project(prop.grad)
-        log_q_fwd = geo.log_kernel(geo.project(prop.y - mean_fwd), eps)
-        log_q_bwd = geo.log_kernel(geo.project(state.y - mean_bwd), eps)
+        log_q_fwd = geo.log_kernel(prop.y - mean_fwd, eps)
+        log_q_bwd = geo.log_kernel(state.y - mean_bwd, eps)
         log_alpha = prop.log_prob - state.log_prob + log_q_bwd - log_q_fwd
         return prop, log_alpha
 
