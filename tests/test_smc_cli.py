@@ -17,7 +17,7 @@ SMALL_SMC = ["smc=default", "smc.n_particles=150", "smc.n_replicates=3", "smc.pr
 TINY = ["experiment=torus_spline", "data.generate.n_samples=2000", "data.batch_size=128", "flow.transform.hidden=[32]",
         "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "evaluation.every_n_epochs=2",
         "evaluation.n_samples=300", "evaluation.n_bootstrap=10", "evaluation.final_n_samples=1000",
-        "evaluation.final_n_bootstrap=10", "logger=csv"]
+        "evaluation.final_n_bootstrap=10"]
 
 
 def _check_block(results: dict) -> None:
@@ -44,6 +44,8 @@ def test_smc_refinement_through_train_and_eval(tmp_path):
     assert "SMC from the flow: Delta F(left->right)" in proc.stdout
     run_dir = next((tmp_path / "outputs" / "runs" / "torus_spline").iterdir())
     _check_block(json.loads((run_dir / "results.json").read_text()))
+    # the W&B run (offline) holds the SMC scalars
+    assert any(b"final/smc/flow/delta_f" in p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/*.wandb"))
 
     proc = run_cli("bgexp-eval", [f"run_dir={run_dir}", "n_samples=500", "n_bootstrap=10", *SMALL_SMC], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

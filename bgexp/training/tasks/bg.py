@@ -224,7 +224,9 @@ def log_final(fit: FitContext, evaluation: Evaluation, refined: dict[str, Any]) 
 def smc_scalars(block: dict[str, Any] | None) -> dict[str, float]:
     """final/smc/<source>/... scalars: Delta F with its interval, the mean final ESS, energy evaluations."""
     scalars: dict[str, float] = {}
-    for source in ("flow", *(block["settings"]["baselines"] if block else ())):
+    if not block:
+        return scalars
+    for source in ("flow", *block["settings"]["baselines"]):
         entry = block[source]
         for name, estimate in entry["delta_f"].items():
             for key in ("value", "ci_low", "ci_high", "error"):
