@@ -259,7 +259,54 @@ def smc(
     with weight zero.
     """
     t_start = time.perf_counter()
-    # ---- validation: nothing below evaluates an energy --------------------------------------
+    cfg = _validate(y0, log_pi0, log_pi1, space, kernel, n_steps_per_level=n_steps_per_level, schedule=schedule,
+                    cess_target=cess_target, resample_threshold=resample_threshold,
+                    max_energy_evals=max_energy_evals, max_levels=max_levels, log_weights0=log_weights0)
+    bar = _progress_bar(progress)
+    run = _start(y0, cfg)
+    _anneal(run, cfg, generator, bar)
+    return _result(run, cfg, t_start)
+
+
+# ---- the pieces of `smc` ---------------------------------------------------------------------
+@dataclass
+class _Config:
+    """The validated, normalised settings of one `smc` call (what `_validate` returns): the number
+    of particles, the moves per level, the fixed schedule (None: adaptive), the limits as given,
+    the log_pi1 evaluations of one level of moves, the initial log-weights, the annealing path,
+    the caller's kernel's private copy, and the ``settings`` dict reported in `SMCResult`."""
+
+    n: int
+    n_steps: int
+    fixed: list[float] | None
+    cess_target: float
+    resample_threshold: float
+    max_energy_evals: int | None
+    max_levels: int
+    level_cost: int
+    log_w0: np.ndarray
+    path: AnnealingPath
+    kernel: Kernel
+    settings: dict[str, Any]
+
+
+@dataclass
+class _Run:
+    """The state of a run between levels: the particles (a `ChainState` with cached log pi_0 and
+    log pi_1), their normalised log-weights (logsumexp = 0), the log-normalizer so far, the current
+    b and level, why the run stops, and one `LevelRecord` per level done."""
+
+    state: ChainState
+    log_w: np.ndarray
+    log_z: float
+    b: float = 0.0
+    level: int = 0
+    stop_reason: str = "complete"
+    history: list[LevelRecord] = field(default_factory=list)
+
+
+def _check_kernel_and_y0(y0: Tensor, space: Space, kernel: Kernel) -> int:
+    """Check the space, that the kernel is one built for it, and y0's shape and values; return N."""
     check_space(space)
     if not isinstance(kernel, Kernel):
         raise SamplerSettingError(f"kernel must be a bgexp.samplers Kernel (MALA, HMC), got {type(kernel).__name__}")
@@ -276,6 +323,13 @@ def smc(
         raise SamplerSettingError(f"y0 has {y0.shape[1]} features, the space has dim {space.dim}")
     if not bool(torch.isfinite(y0).all()):
         raise SamplerSettingError(f"y0 contains {int((~torch.isfinite(y0)).sum())} non-finite value(s)")
+    return n
+
+
+def _check_numbers(schedule: str | Sequence[float], cess_target: float, resample_threshold: float,
+                   n_steps_per_level: int, max_levels: int) -> tuple[list[float] | None, int]:
+    """Check the schedule and the numeric settings; return the fixed schedule (None: adaptive) and
+    the number of moves per level as an int."""
     fixed = _validate_schedule(schedule)
     if fixed is None and not (isinstance(cess_target, (int, float)) and 0.0 < cess_target < 1.0):
         raise SamplerSettingError(f"cess_target must be in (0, 1) (exclusive), got {cess_target!r}")
@@ -286,6 +340,12 @@ def smc(
     n_steps = int(n_steps_per_level)
     if int(max_levels) != max_levels or max_levels < 1:
         raise SamplerSettingError(f"max_levels must be an integer >= 1, got {max_levels!r}")
+    return fixed, n_steps
+
+
+def _check_budget(max_energy_evals: int | None, n: int, n_steps: int, kernel: Kernel) -> int:
+    """Refuse a budget below the initial evaluation plus one level of moves (BudgetError); return
+    the log_pi1 evaluations of one level of moves."""
     level_cost = n * n_steps * kernel.evals_per_step
     if max_energy_evals is not None:
         need = n + level_cost
@@ -294,18 +354,34 @@ def smc(
                 f"max_energy_evals={max_energy_evals} is below one level: {n} for the initial evaluation + "
                 f"{level_cost} for one level of moves ({n} particles x {n_steps} steps x "
                 f"{kernel.evals_per_step} evaluations per step) = {need}")
+    return level_cost
+
+
+def _initial_log_weights(log_weights0: Tensor | np.ndarray | None, n: int) -> np.ndarray:
+    """The initial log-weights as a float64 [N] array (zeros when none are given), checked."""
     if log_weights0 is None:
-        log_w = np.zeros(n)
-    else:
-        log_w = np.asarray(log_weights0.detach().cpu().double() if isinstance(log_weights0, Tensor)
-                           else log_weights0, dtype=np.float64)
-        if log_w.shape != (n,):
-            raise SamplerSettingError(f"log_weights0 must have shape [{n}], got {log_w.shape}")
-        if np.isnan(log_w).any() or np.isposinf(log_w).any() or not np.isfinite(log_w).any():
-            raise SamplerSettingError("log_weights0 must be free of NaN and +inf and not all -inf")
+        return np.zeros(n)
+    log_w = np.asarray(log_weights0.detach().cpu().double() if isinstance(log_weights0, Tensor)
+                       else log_weights0, dtype=np.float64)
+    if log_w.shape != (n,):
+        raise SamplerSettingError(f"log_weights0 must have shape [{n}], got {log_w.shape}")
+    if np.isnan(log_w).any() or np.isposinf(log_w).any() or not np.isfinite(log_w).any():
+        raise SamplerSettingError("log_weights0 must be free of NaN and +inf and not all -inf")
+    return log_w
+
+
+def _validate(y0: Tensor, log_pi0: LogDensityFn, log_pi1: LogDensityFn, space: Space, kernel: Kernel, *,
+              n_steps_per_level: int, schedule: str | Sequence[float], cess_target: float,
+              resample_threshold: float, max_energy_evals: int | None, max_levels: int,
+              log_weights0: Tensor | np.ndarray | None) -> _Config:
+    """Every check of `smc`, in order, before any energy evaluation (the gradient probe evaluates
+    an empty batch); return the normalised settings with the path and a private copy of the kernel."""
+    n = _check_kernel_and_y0(y0, space, kernel)
+    fixed, n_steps = _check_numbers(schedule, cess_target, resample_threshold, n_steps_per_level, max_levels)
+    level_cost = _check_budget(max_energy_evals, n, n_steps, kernel)
+    log_w0 = _initial_log_weights(log_weights0, n)
     path = AnnealingPath(log_pi0, log_pi1)
-    need_grad = n_steps > 0
-    if need_grad:
+    if n_steps > 0:
         path.probe_gradients(y0)  # zero energy evaluations
     kernel = copy.deepcopy(kernel)
     settings = dict(n_particles=n, n_steps_per_level=n_steps, schedule="adaptive" if fixed is None else list(fixed),
@@ -314,78 +390,125 @@ def smc(
                     max_levels=int(max_levels), kernel=kernel.name, step_size0=kernel.step_size,
                     target_accept=kernel.target_accept, evals_per_step=kernel.evals_per_step,
                     weighted_start=log_weights0 is not None)
+    return _Config(n=n, n_steps=n_steps, fixed=fixed, cess_target=cess_target,
+                   resample_threshold=resample_threshold, max_energy_evals=max_energy_evals,
+                   max_levels=max_levels, level_cost=level_cost, log_w0=log_w0, path=path, kernel=kernel,
+                   settings=settings)
 
-    # ---- the run ------------------------------------------------------------------------------
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=1.0, desc="SMC", unit="b", bar_format="{l_bar}{bar}| b={n:.4f} [{elapsed}<{remaining}]")
-    log_z = float(logsumexp(log_w) - math.log(n))
+def _progress_bar(progress: bool):
+    """A tqdm bar over b in [0, 1] when ``progress``, else None."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=1.0, desc="SMC", unit="b", bar_format="{l_bar}{bar}| b={n:.4f} [{elapsed}<{remaining}]")
+
+
+def _start(y0: Tensor, cfg: _Config) -> _Run:
+    """The run at b = 0: the initial weights' normalizer, the normalised log-weights, and the first
+    evaluation of log pi_0 and log pi_1 at the N particles."""
+    log_w = cfg.log_w0
+    log_z = float(logsumexp(log_w) - math.log(cfg.n))
     log_w = log_w - logsumexp(log_w)  # normalised: logsumexp = 0
-    state = path.evaluate(kernel.geometry.prepare(y0.detach()), 0.0, need_grad=need_grad)
-    b = 0.0
-    history: list[LevelRecord] = []
-    stop_reason = "complete"
-    level = 0
+    state = cfg.path.evaluate(cfg.kernel.geometry.prepare(y0.detach()), 0.0, need_grad=cfg.n_steps > 0)
+    return _Run(state=state, log_w=log_w, log_z=log_z)
+
+
+def _anneal(run: _Run, cfg: _Config, generator: torch.Generator | None, bar) -> None:
+    """Levels until b = 1; the bar (if any) is closed however the loop ends."""
     try:
-        while b < 1.0:
-            level += 1
-            delta = _delta(state)
-            if fixed is not None:
-                b_new = fixed[level - 1]
-            else:
-                b_new, _ = next_b_by_cess(b, delta, log_w, cess_target)
-            if level >= max_levels and b_new < 1.0:
-                b_new, stop_reason = 1.0, "max_levels"
-            moves = n_steps
-            if max_energy_evals is not None and path.counters.n_energy_evals + level_cost > max_energy_evals:
-                b_new, moves, stop_reason = 1.0, 0, "budget"
-            inc = _increment(b_new - b, delta)
-            log_inc = float(logsumexp(log_w + inc))
-            if not math.isfinite(log_inc):
-                raise DegenerateWeightsError(
-                    f"every particle has weight zero at level {level} (b = {b_new:.4g}); "
-                    f"{path.counters.n_nonfinite} non-finite log_pi1 values so far")
-            cess = math.exp(min(0.0, 2.0 * log_inc - float(logsumexp(log_w + 2.0 * inc))))
-            log_z += log_inc
-            log_w = log_w + inc - log_inc
-            ess_now = _ess(log_w)
-            resampled = False
-            if b_new < 1.0 and ess_now < resample_threshold:
-                idx = systematic_resample(np.exp(log_w), generator)
-                state = state.take(torch.as_tensor(idx, device=state.y.device))
-                log_w = np.full(n, -math.log(n))
-                resampled = True
-            state = AnnealingPath.retarget(state, b_new)
-            rates = []
-            if moves:
-                density = path.at(b_new)
-                for _ in range(moves):
-                    state, rate = kernel.step(state, density, generator)
-                    rates.append(rate)
-            finite_rates = [r for r in rates if math.isfinite(r)]
-            history.append(LevelRecord(
-                level=level, b=b_new, ess=ess_now, cess=cess, log_normalizer_increment=log_inc,
-                resampled=resampled, n_moves=moves,
-                acceptance=float(np.mean(finite_rates)) if finite_rates else float("nan"),
-                step_size=kernel.step_size, n_energy_evals=path.counters.n_energy_evals))
-            if bar is not None:
-                bar.update(b_new - b)
-                bar.set_postfix(ess=f"{ess_now:.3f}", acc=history[-1].acceptance, refresh=False)
-            b = b_new
+        while run.b < 1.0:
+            _level(run, cfg, generator, bar)
     finally:
         if bar is not None:
             bar.close()
 
-    log_weights = torch.from_numpy(log_w + log_z + math.log(n))
+
+def _level(run: _Run, cfg: _Config, generator: torch.Generator | None, bar) -> None:
+    """One level b -> b_new: choose b_new, reweight, resample when the ESS is low (never at b = 1),
+    move, record a `LevelRecord`, advance the bar."""
+    run.level += 1
+    delta = _delta(run.state)
+    b_new, moves = _choose_b(run, cfg, delta)
+    log_inc, cess, ess_now = _reweight(run, cfg, delta, b_new)
+    resampled = False
+    if b_new < 1.0 and ess_now < cfg.resample_threshold:
+        _resample(run, cfg.n, generator)
+        resampled = True
+    acceptance = _move(run, cfg, b_new, moves, generator)
+    run.history.append(LevelRecord(
+        level=run.level, b=b_new, ess=ess_now, cess=cess, log_normalizer_increment=log_inc,
+        resampled=resampled, n_moves=moves, acceptance=acceptance,
+        step_size=cfg.kernel.step_size, n_energy_evals=cfg.path.counters.n_energy_evals))
+    if bar is not None:
+        bar.update(b_new - run.b)
+        bar.set_postfix(ess=f"{ess_now:.3f}", acc=run.history[-1].acceptance, refresh=False)
+    run.b = b_new
+
+
+def _choose_b(run: _Run, cfg: _Config, delta: np.ndarray) -> tuple[float, int]:
+    """The next b (fixed schedule or CESS root) and the number of moves; b = 1 without moves when
+    the budget would be exceeded, b = 1 at the last allowed level (sets ``run.stop_reason``)."""
+    if cfg.fixed is not None:
+        b_new = cfg.fixed[run.level - 1]
+    else:
+        b_new, _ = next_b_by_cess(run.b, delta, run.log_w, cfg.cess_target)
+    if run.level >= cfg.max_levels and b_new < 1.0:
+        b_new, run.stop_reason = 1.0, "max_levels"
+    moves = cfg.n_steps
+    if cfg.max_energy_evals is not None and cfg.path.counters.n_energy_evals + cfg.level_cost > cfg.max_energy_evals:
+        b_new, moves, run.stop_reason = 1.0, 0, "budget"
+    return b_new, moves
+
+
+def _reweight(run: _Run, cfg: _Config, delta: np.ndarray, b_new: float) -> tuple[float, float, float]:
+    """Incremental weights b -> b_new at the cached energies: update ``run.log_z`` and the
+    normalised ``run.log_w``; return the log-normalizer increment, the CESS and the ESS after."""
+    inc = _increment(b_new - run.b, delta)
+    log_inc = float(logsumexp(run.log_w + inc))
+    if not math.isfinite(log_inc):
+        raise DegenerateWeightsError(
+            f"every particle has weight zero at level {run.level} (b = {b_new:.4g}); "
+            f"{cfg.path.counters.n_nonfinite} non-finite log_pi1 values so far")
+    cess = math.exp(min(0.0, 2.0 * log_inc - float(logsumexp(run.log_w + 2.0 * inc))))
+    run.log_z += log_inc
+    run.log_w = run.log_w + inc - log_inc
+    return log_inc, cess, _ess(run.log_w)
+
+
+def _resample(run: _Run, n: int, generator: torch.Generator | None) -> None:
+    """Systematic resampling of the particles; the weights become equal."""
+    idx = systematic_resample(np.exp(run.log_w), generator)
+    run.state = run.state.take(torch.as_tensor(idx, device=run.state.y.device))
+    run.log_w = np.full(n, -math.log(n))
+
+
+def _move(run: _Run, cfg: _Config, b_new: float, moves: int, generator: torch.Generator | None) -> float:
+    """Retarget the particles to pi_{b_new} and make ``moves`` kernel steps; return the mean of the
+    finite acceptance rates (NaN if none)."""
+    run.state = AnnealingPath.retarget(run.state, b_new)
+    rates = []
+    if moves:
+        density = cfg.path.at(b_new)
+        for _ in range(moves):
+            run.state, rate = cfg.kernel.step(run.state, density, generator)
+            rates.append(rate)
+    finite_rates = [r for r in rates if math.isfinite(r)]
+    return float(np.mean(finite_rates)) if finite_rates else float("nan")
+
+
+def _result(run: _Run, cfg: _Config, t_start: float) -> SMCResult:
+    """The `SMCResult` of a finished run (log-weights rescaled so that log mean exp = log Z-hat)."""
+    log_weights = torch.from_numpy(run.log_w + run.log_z + math.log(cfg.n))
     wall = time.perf_counter() - t_start
-    c = path.counters
+    c = cfg.path.counters
     return SMCResult(
-        y=state.y, log_weights=log_weights, log_normalizer=log_z, ess=_ess(log_w), history=history,
-        n_energy_evals=c.n_energy_evals, n_nonfinite=c.n_nonfinite, n_nonfinite_pi0=c.n_nonfinite_pi0,
-        wall_s=wall, model_s=c.model_s, overhead_s=max(wall - c.model_s, 0.0),
-        budget_exhausted=stop_reason == "budget", stop_reason=stop_reason, settings=settings)
+        y=run.state.y, log_weights=log_weights, log_normalizer=run.log_z, ess=_ess(run.log_w),
+        history=run.history, n_energy_evals=c.n_energy_evals, n_nonfinite=c.n_nonfinite,
+        n_nonfinite_pi0=c.n_nonfinite_pi0, wall_s=wall, model_s=c.model_s,
+        overhead_s=max(wall - c.model_s, 0.0), budget_exhausted=run.stop_reason == "budget",
+        stop_reason=run.stop_reason, settings=cfg.settings)
 
 
 def _delta(state: ChainState) -> np.ndarray:
