@@ -34,6 +34,14 @@ def _check_block(results: dict) -> None:
         assert entry["n_energy_evals"] > 3 * 2 * 150
         assert 0 < min(entry["ess"].values()) <= 1
     assert results["n_energy_evals"]["smc"] == block["flow"]["n_energy_evals"]
+    # MCMC from the training data at the flow's whole budget (training + evaluation + SMC)
+    mcmc = block["mcmc"]
+    spent = results["n_energy_evals"]
+    assert mcmc["budget"] == spent["training"] + spent["evaluation"] + spent["smc"]
+    assert 0.9 * mcmc["budget"] <= mcmc["n_energy_evals"] <= mcmc["budget"]
+    estimate = mcmc["delta_f"]["left->right"]
+    assert len(estimate["replicates"]) == 3 and math.isfinite(estimate["value"])
+    assert abs(sum(mcmc["populations"].values()) - 1) < 1e-9
     assert Path(results["figures"]["smc_flow"]).is_file() and Path(results["figures"]["smc_prior"]).is_file()
 
 
@@ -41,7 +49,7 @@ def _check_block(results: dict) -> None:
 def test_smc_refinement_through_train_and_eval(tmp_path):
     proc = run_cli("bgexp-train", [*TINY, *SMALL_SMC], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "SMC from the flow: Delta F(left->right)" in proc.stdout
+    assert "SMC from the flow: Delta F(left->right)" in proc.stdout and "MCMC from the data" in proc.stdout
     run_dir = next((tmp_path / "outputs" / "runs" / "torus_spline").iterdir())
     _check_block(json.loads((run_dir / "results.json").read_text()))
     # the W&B run (offline) holds the SMC scalars

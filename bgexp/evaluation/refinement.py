@@ -22,8 +22,10 @@ estimates the prior's mass there, it estimates Z_s / Q_s; then
 Error bars: independent replicates (each with its own flow samples, Q_s and SMC), a Student-t
 interval over them (bgexp.samplers.replicates).
 
-Baselines at the same settings: `prior` is the same SMC without the trained transform (the prior
-pushed through the fixed representation layers only, or used directly in x when there are none).
+Baselines: `prior` is the same SMC (same settings) without the trained transform (the prior
+pushed through the fixed representation layers only, or used directly in x when there are none);
+`mcmc` runs the same kernel in x from the training data for as many energy evaluations as the
+flow used in all (training, importance sampling, SMC).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bgexp.flows.base import ContinuousFlow
 from bgexp.samplers import HMC, MALA, SMCResult, smc
 from bgexp.samplers.errors import SamplerSettingError
 from bgexp.samplers.replicates import replicate_seeds, student_t_interval
@@ -79,9 +82,9 @@ class SMCSettings:
             raise SamplerSettingError(f"smc.kernel must be one of {sorted(KERNELS)}, got {self.kernel!r}")
         if not 0 < self.confidence < 1:
             raise SamplerSettingError(f"smc.confidence must be in (0, 1), got {self.confidence}")
-        unknown = set(self.baselines) - {"prior"}
+        unknown = set(self.baselines) - {"prior", "mcmc"}
         if unknown:
-            raise SamplerSettingError(f"smc.baselines: unknown {sorted(unknown)} (available: prior)")
+            raise SamplerSettingError(f"smc.baselines: unknown {sorted(unknown)} (available: prior, mcmc)")
         if int(self.max_draw_factor) < 1:
             raise SamplerSettingError(f"smc.max_draw_factor must be >= 1, got {self.max_draw_factor}")
 
@@ -107,6 +110,12 @@ class Pullback:
         x, logdet = self.push(z)
         return -self.energy(x) + logdet
 
+    @torch.no_grad()
+    def draw(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """n exact samples of pi_0 (the prior) and their initial log-weights (zero)."""
+        z = self.prior.sample(n, generator=generator)
+        return z, torch.zeros(n, dtype=torch.float64)
+
     def restricted_log_pi1(self, state: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
         """log pi_1 restricted to F(z) in `state` (-inf outside). With particles started inside,
         every pi_b with b > 0 is then restricted too (moves that leave are rejected), and log pi_0
@@ -122,12 +131,42 @@ class Pullback:
         return log_pi1
 
 
+class WeightedStart(Pullback):
+    """For continuous flows (one ODE solve per density evaluation): SMC in x from a Gaussian pi_0
+    fitted to flow samples (diagonal; isotropic and centred on particle spaces), started from the
+    flow's own samples x ~ q with initial log-weights log pi_0(x) - log q(x). The flow is solved
+    once per particle; the annealing needs energies only. The estimate is unchanged: the weighted
+    start represents pi_0, so the normalizer is Z_1 / Z_0 as before (Del Moral, Doucet, Jasra 2006)."""
+
+    def __init__(self, model, space: Space, n_fit: int = 2000):
+        super().__init__(prior=None, flow=None, energy=model.target.energy, space=space)
+        self.model = model
+        with torch.no_grad():
+            x, _ = model.sample(n_fit, generator=torch.Generator().manual_seed(0))
+        x = x.double()
+        if space.is_particles:
+            self.mean, self.var = torch.zeros_like(x[0]), x.square().mean().expand(x.shape[1])
+        else:
+            self.mean, self.var = x.mean(0), x.var(0).clamp_min(1e-12)
+
+    def log_pi0(self, x: Tensor) -> Tensor:
+        mean, var = self.mean.to(x), self.var.to(x)
+        return (-0.5 * (x - mean).square() / var - 0.5 * torch.log(2 * math.pi * var)).sum(-1)
+
+    @torch.no_grad()
+    def draw(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        x, log_q = self.model.sample(n, generator=generator)
+        return x, (self.log_pi0(x) - log_q.to(x)).double().cpu()
+
+
 def pullbacks(model) -> dict[str, Pullback]:
-    """"flow": the trained flow; "prior": the prior through the fixed representation only. Energies
-    are the target's (the sampler counts them; they are reported as n_energy_evals.smc)."""
+    """"flow": the trained flow (pulled back into its latent space, or, for continuous flows, a
+    weighted start in x); "prior": the prior through the fixed representation only. Energies are
+    the target's (the sampler counts them; they are reported as n_energy_evals.smc)."""
     energy = model.target.energy
-    return {"flow": Pullback(model.prior, model.flow, energy, model.latent_space),
-            "prior": Pullback(model.prior, model.representation, energy, model.latent_space)}
+    flow = (WeightedStart(model, model.target.space) if isinstance(model.flow, ContinuousFlow)
+            else Pullback(model.prior, model.flow, energy, model.latent_space))
+    return {"flow": flow, "prior": Pullback(model.prior, model.representation, energy, model.latent_space)}
 
 
 # one run ------------------------------------------------------------------------------------------
@@ -135,27 +174,30 @@ def _kernel(settings: SMCSettings, space: Space):
     return KERNELS[settings.kernel](space, step_size=float(settings.step_size))
 
 
-def _smc(settings: SMCSettings, z0: Tensor, log_pi0, log_pi1, space: Space, generator) -> SMCResult:
+def _smc(settings: SMCSettings, z0: Tensor, log_w0: Tensor, log_pi0, log_pi1, space: Space, generator) -> SMCResult:
+    weighted = bool((log_w0 != 0).any())
     return smc(z0, log_pi0, log_pi1, space, _kernel(settings, space), n_steps_per_level=settings.n_steps_per_level,
                cess_target=settings.cess_target, resample_threshold=settings.resample_threshold,
-               max_energy_evals=settings.max_energy_evals, generator=generator, progress=settings.progress)
+               max_energy_evals=settings.max_energy_evals, log_weights0=log_w0 if weighted else None,
+               generator=generator, progress=settings.progress)
 
 
 @torch.no_grad()
 def draw_in_state(path: Pullback, state: Callable[[Tensor], Tensor], n: int, settings: SMCSettings,
-                  generator: torch.Generator) -> tuple[Tensor, float, int]:
-    """Up to n prior draws z whose F(z) lies in `state`, the estimate Q = accepted / drawn of the
-    prior's mass there, and the number drawn (at most n * max_draw_factor)."""
-    kept, drawn, hits = [], 0, 0
+                  generator: torch.Generator) -> tuple[Tensor, Tensor, float]:
+    """Up to n starting particles whose F(z) lies in `state` with their initial log-weights, and the
+    estimate Q = accepted / drawn of the starting distribution's mass there (draws stop at
+    n * max_draw_factor)."""
+    kept, weights, drawn, hits = [], [], 0, 0
     while hits < n and drawn < n * settings.max_draw_factor:
-        z = path.prior.sample(settings.batch_size, generator=generator)
+        z, log_w0 = path.draw(settings.batch_size, generator)
         mask = state(path.push(z)[0])
         drawn += z.shape[0]
         hits += int(mask.sum())
         kept.append(z[mask])
-    z = torch.cat(kept)[:n] if kept else torch.zeros(0, path.space.dim)
+        weights.append(log_w0[mask.cpu()])
     # Q from every draw (the tail beyond n is drawn, counted and not used)
-    return z, hits / drawn, drawn
+    return torch.cat(kept)[:n], torch.cat(weights)[:n], hits / drawn
 
 
 def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSettings,
@@ -163,11 +205,11 @@ def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSett
     """One replicate of the per-state refinement: log Z_s for every state (module docstring)."""
     log_z, ess, evals, levels, wall, model_s, history = {}, {}, 0, {}, 0.0, 0.0, {}
     for name, state in states.items():
-        z0, q, _ = draw_in_state(path, state, settings.n_particles, settings, generator)
+        z0, log_w0, q = draw_in_state(path, state, settings.n_particles, settings, generator)
         if q == 0 or z0.shape[0] < 2:
             log_z[name], ess[name], levels[name] = -math.inf, 0.0, 0
             continue
-        result = _smc(settings, z0, path.log_pi0, path.restricted_log_pi1(state), path.space, generator)
+        result = _smc(settings, z0, log_w0, path.log_pi0, path.restricted_log_pi1(state), path.space, generator)
         log_z[name] = math.log(q) + result.log_normalizer
         ess[name], levels[name] = result.ess, result.n_levels
         history[name] = result.history_table()
@@ -181,8 +223,8 @@ def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSett
 def run_global(path: Pullback, states: dict[str, Callable], settings: SMCSettings,
                generator: torch.Generator) -> dict[str, Any]:
     """One replicate over all configurations: log Z and every state's weighted share."""
-    z0 = path.prior.sample(settings.n_particles, generator=generator)
-    result = _smc(settings, z0, path.log_pi0, path.log_pi1, path.space, generator)
+    z0, log_w0 = path.draw(settings.n_particles, generator)
+    result = _smc(settings, z0, log_w0, path.log_pi0, path.log_pi1, path.space, generator)
     with torch.no_grad():
         x = path.push(result.y)[0]
     log_w = result.log_weights.numpy()
@@ -214,7 +256,9 @@ def refine(path: Pullback, target, settings: SMCSettings, seed: int, reference=N
         delta_f[key] = _interval(values, settings.confidence, reference.delta_f.get(key) if reference else None)
     wall = time.perf_counter() - start
     model_s = sum(r["model_s"] for r in replicates)
-    return {"mode": "per_state" if per_state else "global", "delta_f": delta_f,
+    extra = {} if per_state else {  # log Z_1 / Z_0 (the target's log Z when pi_0 is normalised)
+        "log_normalizer": _interval([r["log_normalizer"] for r in replicates], settings.confidence, None)}
+    return {"mode": "per_state" if per_state else "global", "delta_f": delta_f, **extra,
             "ess": _mean_dicts([r["ess"] for r in replicates]),
             "n_energy_evals": int(sum(r["n_energy_evals"] for r in replicates)), "wall_s": wall,
             "overhead_fraction": max(0.0, 1.0 - model_s / wall) if wall > 0 else None,
@@ -242,6 +286,44 @@ def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
 
+def mcmc_from_data(target, data: Tensor, budget: int, settings: SMCSettings, seed: int) -> dict[str, Any]:
+    """The equal-budget MCMC baseline: `settings.kernel` chains in x on exp(-u), started from
+    training frames (n_particles chains, or fewer frames), run for `budget` energy evaluations in
+    all; the first fifth of the steps adapt the step size and are excluded. Delta F(a -> b) =
+    -ln(p_b / p_a) from the time-averaged state populations; the chains are split into
+    n_replicates groups and the groups' estimates give a Student-t interval (chains started in a
+    state they never leave make that interval honest about the start, not about equilibrium)."""
+    n_chains = min(int(settings.n_particles), int(data.shape[0]))
+    kernel = KERNELS[settings.kernel](target.space, step_size=float(settings.step_size))
+    n_steps = int(budget) // (n_chains * kernel.evals_per_step)
+    if n_steps < 5:
+        return {"skipped": f"a budget of {budget} energy evaluations gives {n_steps} steps of {n_chains} chains"}
+    generator = torch.Generator().manual_seed(int(seed))
+    x = data[torch.randperm(data.shape[0], generator=generator)[:n_chains]].to(torch.get_default_dtype())
+    names, start = list(target.states), time.perf_counter()
+
+    def log_density(y: Tensor) -> Tensor:
+        return -target.energy(y)
+
+    state = kernel.warmup(x, log_density, n_steps // 5, generator=generator)
+    counts = torch.zeros(n_chains, len(names), dtype=torch.float64)
+    for _ in range(n_steps - n_steps // 5):
+        state, _ = kernel.step(state, log_density, generator)
+        with torch.no_grad():
+            counts += torch.stack([target.states[k](state.y).double() for k in names], -1)
+    groups = torch.arange(n_chains) % int(settings.n_replicates)
+    delta_f = {}
+    for b in names[1:]:
+        key = f"{names[0]}->{b}"
+        values = [float(-(torch.log(counts[groups == g, names.index(b)].sum())
+                          - torch.log(counts[groups == g, 0].sum()))) for g in range(int(settings.n_replicates))]
+        reference = target.reference.delta_f.get(key) if target.reference else None
+        delta_f[key] = _interval(values, settings.confidence, reference)
+    return {"delta_f": delta_f, "n_chains": n_chains, "n_steps": n_steps, "step_size": kernel.step_size,
+            "n_energy_evals": n_chains * n_steps * kernel.evals_per_step, "wall_s": time.perf_counter() - start,
+            "populations": {k: float(counts[:, i].sum() / counts.sum()) for i, k in enumerate(names)}}
+
+
 def smc_figures(block: dict[str, Any], figure_dir) -> dict[str, str]:
     """The annealing (b and ESS against the level, first replicate) of every SMC in the block."""
     from pathlib import Path
@@ -249,26 +331,31 @@ def smc_figures(block: dict[str, Any], figure_dir) -> dict[str, str]:
     from bgexp.evaluation.plots import plot_smc_history
 
     figures = {}
-    for name in ("flow", *block["settings"]["baselines"]):
+    for name in ("flow", *(b for b in block["settings"]["baselines"] if b != "mcmc")):
         path = Path(figure_dir) / f"smc_{name}.png"
         title = f"SMC from the {name}" + (" (per state)" if block[name]["mode"] == "per_state" else "")
         figures[f"smc_{name}"] = str(plot_smc_history(block[name]["history"] or {}, path, title=title))
     return figures
 
 
-def smc_block(model, settings: SMCSettings, seed: int) -> dict[str, Any]:
-    """results.json's `smc` block: the refinement from the flow and the configured baselines (the
-    model in evaluation mode)."""
+def smc_block(model, settings: SMCSettings, seed: int, data: Tensor | None = None) -> dict[str, Any]:
+    """results.json's `smc` block: the refinement from the flow, the configured SMC baselines and,
+    with training `data` and "mcmc" among the baselines, MCMC from the data at the flow's whole
+    budget (training + importance-sampling evaluation + SMC energy evaluations). The model is in
+    evaluation mode meanwhile."""
     was_training = model.training
     model.eval()
     block: dict[str, Any] = {"settings": asdict(settings)}
     try:
         paths = pullbacks(model)
-        for name in ("flow", *settings.baselines):
+        for name in ("flow", *(b for b in settings.baselines if b != "mcmc")):
             block[name] = refine(paths[name], model.target, settings, seed, model.target.reference)
+        if "mcmc" in settings.baselines and data is not None:
+            budget = model.n_energy_evals_train + model.n_energy_evals_eval + block["flow"]["n_energy_evals"]
+            block["mcmc"] = {"budget": int(budget), **mcmc_from_data(model.target, data, budget, settings, seed)}
     finally:
         model.train(was_training)
     return block
 
 
-__all__ = ["SMCSettings", "Pullback", "pullbacks", "refine", "smc_block", "smc_figures", "draw_in_state"]
+__all__ = ["SMCSettings", "Pullback", "WeightedStart", "pullbacks", "refine", "smc_block", "smc_figures", "draw_in_state"]

@@ -68,7 +68,7 @@ class BoltzmannGeneratorTask(Task):
         if synced is not None:
             model.n_energy_evals_train = max(model.n_energy_evals_train, int(float(synced)))
         evaluation = final_evaluation(cfg, model, datamodule.x_val, fit.run_dir, forces=datamodule.f_val)
-        refined = refine_by_smc(cfg, model, evaluation, fit.run_dir / "figures")
+        refined = refine_by_smc(cfg, model, evaluation, fit.run_dir / "figures", data=datamodule.x_train)
         checkpoint_dir = fit.run_dir / "checkpoints"
         files: dict[str, Any] = {"checkpoint": str(checkpoint_dir / "last.ckpt"), "data": datamodule.source}
         if cfg.get("save_samples", True):
@@ -95,7 +95,7 @@ class BoltzmannGeneratorTask(Task):
             evaluation = evaluate(model, n_samples=settings.n_samples, batch_size=settings.batch_size,
                                   n_bootstrap=settings.n_bootstrap, confidence=settings.confidence, data=data,
                                   figure_dir=out_dir / "figures")
-            refined = refine_by_smc(settings, model, evaluation, out_dir / "figures")
+            refined = refine_by_smc(settings, model, evaluation, out_dir / "figures", data=datamodule.x_train)
             files = {"checkpoint": str(ckpt), "data": datamodule.source}
             results = results_of(run_cfg, model, evaluation, time.time() - start, files,
                                  {"evaluated_from": str(run_dir), **refined})
@@ -149,12 +149,14 @@ def smc_settings(cfg: DictConfig) -> SMCSettings | None:
         raise ConfigError(f"smc: {err} (keys: {sorted(SMCSettings.__dataclass_fields__)})") from err
 
 
-def refine_by_smc(cfg: DictConfig, model: BoltzmannGenerator, evaluation: Evaluation, figure_dir: Path) -> dict:
-    """The `smc` block of results.json (empty when smc is off); its figures join the evaluation's."""
+def refine_by_smc(cfg: DictConfig, model: BoltzmannGenerator, evaluation: Evaluation, figure_dir: Path,
+                  data: torch.Tensor | None = None) -> dict:
+    """The `smc` block of results.json (empty when smc is off; `data`: the training frames the MCMC
+    baseline starts from); its figures join the evaluation's."""
     settings = smc_settings(cfg)
     if settings is None:
         return {}
-    block = smc_block(model, settings, seed=int(cfg.seed))
+    block = smc_block(model, settings, seed=int(cfg.seed), data=data)
     evaluation.figures.update(smc_figures(block, figure_dir))
     return {"smc": block}
 
@@ -227,29 +229,31 @@ def smc_scalars(block: dict[str, Any] | None) -> dict[str, float]:
     if not block:
         return scalars
     for source in ("flow", *block["settings"]["baselines"]):
-        entry = block[source]
-        for name, estimate in entry["delta_f"].items():
+        entry = block.get(source, {})
+        for name, estimate in entry.get("delta_f", {}).items():
             for key in ("value", "ci_low", "ci_high", "error"):
                 if estimate.get(key) is not None:
                     scalars[f"final/smc/{source}/delta_f/{name}/{key}"] = float(estimate[key])
-        for state, value in entry["ess"].items():
+        for state, value in entry.get("ess", {}).items():
             scalars[f"final/smc/{source}/ess/{state}"] = float(value)
-        scalars[f"final/smc/{source}/energy_evals"] = float(entry["n_energy_evals"])
+        if "n_energy_evals" in entry:
+            scalars[f"final/smc/{source}/energy_evals"] = float(entry["n_energy_evals"])
     return scalars
 
 
 def _smc_lines(block: dict[str, Any]) -> list[str]:
     lines = []
+    labels = {"flow": "SMC from the flow", "prior": "SMC from the prior", "mcmc": "MCMC from the data"}
     for source in ("flow", *block["settings"]["baselines"]):
-        entry = block[source]
-        ess = ", ".join(f"{k} {100 * v:.0f}%" for k, v in entry["ess"].items())
-        for name, e in entry["delta_f"].items():
-            text = (f"SMC from the {source}: Delta F({name}) = {e['value']:.3f} kT, {100 * e['confidence']:.0f}% CI "
+        entry = block.get(source, {})
+        ess = ", ".join(f"{k} {100 * v:.0f}%" for k, v in entry.get("ess", {}).items())
+        for name, e in entry.get("delta_f", {}).items():
+            text = (f"{labels[source]}: Delta F({name}) = {e['value']:.3f} kT, {100 * e['confidence']:.0f}% CI "
                     f"[{e['ci_low']:.3f}, {e['ci_high']:.3f}]" if e["value"] is not None
-                    else f"SMC from the {source}: Delta F({name}) undefined (a state lost all weight)")
+                    else f"{labels[source]}: Delta F({name}) undefined (a state lost all weight)")
             if e.get("reference") is not None:
                 text += f"; reference {e['reference']:.3f} kT"
-            lines.append(f"{text} (final ESS {ess}; {entry['n_energy_evals']} energy evaluations)")
+            lines.append(f"{text} ({'final ESS ' + ess + '; ' if ess else ''}{entry['n_energy_evals']} energy evaluations)")
     return lines
 
 
