@@ -11,6 +11,17 @@ written and when read:
 plus optional named blocks (`OPTIONAL_BLOCKS`: metrics, training, tfep, smc, evaluated_from,
 n_nonfinite_energies). `bgexp-summarize`, the benchmarks and the tests read results.json through
 `read_results`; nothing parses logs.
+
+Checkpoints are read with `torch.load(weights_only=True)` only (`read_checkpoint`): a file that is
+not a PyTorch zip archive with a pickle inside is a `CheckpointReadError` before anything is
+unpickled, and one whose pickle needs a global outside torch's weights-only allow-list (plus
+`CHECKPOINT_SAFE_GLOBALS`) is an `UnsafeCheckpointError` naming the globals; nothing in it runs.
+What bgexp's checkpoints hold (Lightning's epoch/step/loops/callback states/optimizer and scheduler
+state dicts, tensors, `bgexp_config`: the resolved config as plain containers, `bgexp_counters`:
+ints) is all within torch's default allow-list, so `CHECKPOINT_SAFE_GLOBALS` is empty; a global
+that a future checkpoint needs is added there (and so registered with
+`torch.serialization.add_safe_globals`, which Lightning's own `trainer.fit(ckpt_path=...)` load,
+weights-only by default with torch >= 2.6, sees too).
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,18 +229,71 @@ class ConfigInCheckpoint(pl.Callback):
         checkpoint["bgexp_config"] = self.container
 
 
+class CheckpointReadError(ConfigError):
+    """A file given as a checkpoint is not one bgexp can read (not a PyTorch archive, truncated, or
+    not a Lightning checkpoint)."""
+
+
+class UnsafeCheckpointError(CheckpointReadError):
+    """A checkpoint whose unpickling needs globals outside the weights-only allow-list (a crafted
+    or foreign file); refused without running any of it."""
+
+
+# globals bgexp's own checkpoints need beyond torch's weights-only defaults (module docstring): none
+CHECKPOINT_SAFE_GLOBALS: tuple[Any, ...] = ()
+if CHECKPOINT_SAFE_GLOBALS:
+    torch.serialization.add_safe_globals(list(CHECKPOINT_SAFE_GLOBALS))
+
+
+def _check_archive(path: Path) -> None:
+    """A PyTorch checkpoint is a zip archive with one `<name>/data.pkl` (torch.save's format since
+    1.6); anything else is refused before any unpickling."""
+    what = (f"checkpoint {path} cannot be read: it is not a PyTorch checkpoint (torch.save's zip archive "
+            f"with a data.pkl); nothing in it was loaded or run")
+    try:
+        if not zipfile.is_zipfile(path):
+            raise CheckpointReadError(what)
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile) as err:
+        raise CheckpointReadError(f"{what} ({type(err).__name__}: {err})") from err
+    if not any(name.endswith("data.pkl") for name in names):
+        raise CheckpointReadError(what)
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals the checkpoint's pickle needs beyond the allowed ones, found without unpickling
+    (torch >= 2.5; empty where unavailable)."""
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if finder is None:
+        return []
+    try:
+        return list(finder(path))
+    except Exception:  # noqa: BLE001 (only for the message)
+        return []
+
+
 def read_checkpoint(path: str | Path, cfg: DictConfig | None = None) -> dict[str, Any]:
-    """Load a checkpoint and (given `cfg`) check it belongs to it; clear errors for
-    missing/corrupt/foreign files."""
+    """Load a checkpoint weights-only (module docstring) and (given `cfg`) check it belongs to it;
+    named errors for missing (FileNotFoundError), unreadable or foreign (CheckpointReadError),
+    crafted (UnsafeCheckpointError) and mismatched (ConfigError) files."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    _check_archive(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # the weights-only unpickler met a global it does not allow
+        found = _unsafe_globals(path)
+        names = f" ({', '.join(found)})" if found else ""
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} is refused: unpickling it needs globals or operations that a weights-only load "
+            f"does not allow{names}; "
+            f"it was not loaded and nothing in it was run. Use a checkpoint written by bgexp-train") from err
+    except Exception as err:  # a truncated or damaged archive
+        raise CheckpointReadError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict)")
+        raise CheckpointReadError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict)")
     if cfg is not None:
         check_checkpoint_config(checkpoint, cfg, path)
     return checkpoint
@@ -246,4 +312,4 @@ def load_checkpoint_into(module: pl.LightningModule, cfg: DictConfig | None, pat
 
 __all__ = ["Results", "config_hash", "write_results", "read_results", "objective", "checkpoint_path",
            "check_checkpoint_config", "ConfigInCheckpoint", "read_checkpoint", "load_checkpoint_into", "MODEL_KEYS",
-           "RESULTS_FILE"]
+           "RESULTS_FILE", "CheckpointReadError", "UnsafeCheckpointError", "CHECKPOINT_SAFE_GLOBALS"]

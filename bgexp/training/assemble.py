@@ -10,6 +10,10 @@ The flow recipe (conf/flow/*.yaml), read from the target's side:
 so the flow is x = L_1(L_2(... L_k(T(z)))) with z ~ prior; a key can be followed from YAML to object
 with `hydra.utils.instantiate` alone. A torus space (circular features that no layer squeezed)
 gives the transform and the prior their circular mask.
+
+Every node is instantiated through `bgexp.training.allowlist.instantiate`: its `_target_`s
+(recursively) must be on the allow-list (bgexp/training/allowlist.py) or a ForbiddenTargetError
+names the key before anything outside the list is imported or called.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bgexp.flows.base import Flow, SequentialFlow
 from bgexp.spaces import Space, SpaceError
 from bgexp.targets.base import MolecularTarget
+from bgexp.training.allowlist import check_config, instantiate
 from bgexp.training.data import TargetDataModule
 from bgexp.training.errors import ConfigError
 from bgexp.training.module import BoltzmannGenerator
@@ -41,13 +45,13 @@ def _without_name(node: DictConfig) -> dict[str, Any]:
 def build_target(cfg: DictConfig):
     if "target" not in cfg or cfg.target is None:
         raise ConfigError("config has no `target`: choose one with target=<name>")
-    return instantiate(_without_name(cfg.target))
+    return instantiate(_without_name(cfg.target), where="target")
 
 
-def _factory(node):
+def _factory(node, where: str = ""):
     """The callable of a config node with its keys bound. Objects such as a Space are passed at call
     time: given to `instantiate` they would be turned into config nodes."""
-    return instantiate(node, _partial_=True)
+    return instantiate(node, _partial_=True, where=where)
 
 
 def build_transform(node: DictConfig | dict[str, Any], space: Space):
@@ -58,7 +62,7 @@ def build_transform(node: DictConfig | dict[str, Any], space: Space):
         raise ConfigError(f"flow.transform.dim={dim} does not match the latent dimension {space.dim} of the "
                           f"target; remove flow.transform.dim or set it to {space.dim}")
     try:
-        return _factory(transform)(space=space)
+        return _factory(transform, "flow.transform")(space=space)
     except SpaceError as err:
         raise ConfigError(f"flow.transform ({transform.get('_target_')}): {err}") from err
 
@@ -87,7 +91,7 @@ def build_flow(flow_cfg: DictConfig | dict[str, Any], target, data: torch.Tensor
         if node is None:  # switched off (flow.layers.<name>=null)
             continue
         try:
-            layer, space = _factory(node)(space=space, data=current, topology=topology)
+            layer, space = _factory(node, f"flow.layers.{name}")(space=space, data=current, topology=topology)
         except SpaceError as err:
             raise ConfigError(f"flow.layers.{name} ({node.get('_target_')}): {err}") from err
         if current is not None:  # the data one representation further, still in float64
@@ -96,7 +100,7 @@ def build_flow(flow_cfg: DictConfig | dict[str, Any], target, data: torch.Tensor
         layers.append(layer)
     transform = build_transform(flow_cfg.transform, space)
     try:
-        prior = _factory(flow_cfg.prior)(space=space)
+        prior = _factory(flow_cfg.prior, "flow.prior")(space=space)
     except SpaceError as err:
         raise ConfigError(f"flow.prior ({flow_cfg.prior.get('_target_')}): {err}; a space with circular features "
                           f"needs a prior on the circle (bgexp.flows.TorusPrior)") from err
@@ -109,10 +113,11 @@ def build_flow(flow_cfg: DictConfig | dict[str, Any], target, data: torch.Tensor
 def build_model(cfg: DictConfig, target, data: torch.Tensor | None = None) -> BoltzmannGenerator:
     """Prior + flow (the recipe of cfg.flow, fitted to `data`) + target + loss + optimiser."""
     built = build_flow(cfg.flow, target, data)
-    return BoltzmannGenerator(prior=built.prior, flow=built.flow, target=target, loss=instantiate(cfg.loss),
+    return BoltzmannGenerator(prior=built.prior, flow=built.flow, target=target,
+                              loss=instantiate(cfg.loss, where="loss"),
                               latent_space=built.latent_space, representation=built.representation,
-                              optimizer=instantiate(cfg.optim),
-                              scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+                              optimizer=instantiate(cfg.optim, where="optim"),
+                              scheduler=instantiate(cfg.scheduler, where="scheduler") if cfg.get("scheduler") else None,
                               seed=cfg.seed, max_consecutive_nonfinite=cfg.max_consecutive_nonfinite)
 
 
@@ -128,8 +133,8 @@ def build_logger(cfg: DictConfig, run_dir: Path | None = None):
     if not node or "_target_" not in node:
         return False
     if run_dir is not None and str(node["_target_"]).endswith("WandbLogger"):
-        return instantiate(node, id=wandb_run_id(run_dir), resume="allow", **_sweep_labels(node))
-    return instantiate(node)
+        return instantiate(node, id=wandb_run_id(run_dir), resume="allow", **_sweep_labels(node), where="logger")
+    return instantiate(node, where="logger")
 
 
 def _sweep_labels(node: DictConfig) -> dict[str, Any]:
@@ -149,15 +154,19 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     """The generic callbacks of `callbacks` (conf/callbacks): each entry is instantiated with
     run_dir=<the run folder>; a null entry is switched off."""
     nodes = cfg.get("callbacks") or {}
-    return [instantiate(node, run_dir=run_dir) for node in nodes.values() if node is not None]
+    return [instantiate(node, run_dir=run_dir, where=f"callbacks.{name}") for name, node in nodes.items()
+            if node is not None]
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
-    """The resolved config a run folder was trained with."""
+    """The resolved config a run folder was trained with; its `_target_`s are checked against the
+    allow-list (a ForbiddenTargetError names one that is not) before anything is built from it."""
     path = Path(run_dir) / RESOLVED_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a bgexp run folder (no {RESOLVED_CONFIG})")
-    return OmegaConf.load(path)
+    cfg = OmegaConf.load(path)
+    check_config(cfg)
+    return cfg
 
 
 __all__ = ["BuiltFlow", "build_target", "build_transform", "build_flow", "build_model", "build_datamodule", "build_logger",

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from bgexp.training.allowlist import ForbiddenTargetError, check_config, get_class
 from bgexp.training.errors import ConfigError, UnsupportedOperationError
 
 
@@ -90,7 +90,11 @@ def training_block(fit: FitContext) -> dict[str, Any]:
 def build_task(cfg: DictConfig) -> Task:
     """The task of a composed or stored config (`task._target_`). Configs of runs written before the
     task group existed have none: those with a `tfep` block are targeted-FEP runs, the others
-    Boltzmann-generator runs."""
+    Boltzmann-generator runs.
+
+    Every entry point calls this first, so it is where a config's `_target_`s are checked, all of
+    them, against the allow-list (bgexp/training/allowlist.py): a ForbiddenTargetError before any
+    data generation, MD or training."""
     node = cfg.get("task")
     if node is None:
         path = "bgexp.training.tasks.tfep.TargetedFEPTask" if cfg.get("tfep") else "bgexp.training.tasks.bg.BoltzmannGeneratorTask"
@@ -99,11 +103,15 @@ def build_task(cfg: DictConfig) -> Task:
     if not target:
         raise ConfigError("task: needs `_target_` (a bgexp.training.tasks.Task class); choose one with task=bg|tfep")
     try:
-        cls = get_class(str(target))
+        cls = get_class(str(target), "task._target_",
+                        hint="it is not a bgexp.training.tasks.Task subclass under the allowed prefixes")
+    except ForbiddenTargetError:
+        raise
     except Exception as err:
         raise ConfigError(f"task._target_={target!r} cannot be imported: {err}") from err
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise ConfigError(f"task._target_={target!r} is not a bgexp.training.tasks.Task subclass")
+    check_config(cfg)
     kwargs = {k: v for k, v in node.items() if k != "_target_"}
     return cls(**kwargs)
 

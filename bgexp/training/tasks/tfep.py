@@ -17,7 +17,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,6 +24,7 @@ from bgexp.evaluation import plots
 from bgexp.atomic import atomic_write
 from bgexp.training.artifacts import (RESULTS_FILE, Results, checkpoint_path, config_hash, load_checkpoint_into,
                                       write_results)
+from bgexp.training.allowlist import instantiate
 from bgexp.training.assemble import build_target, build_transform, load_run_config
 from bgexp.training.callbacks import log_figures
 from bgexp.training.tasks import FitContext, Task, training_block
@@ -72,8 +72,8 @@ def build_tfep(cfg: DictConfig, target) -> tuple[TargetedFEP, StatePairData]:
         state_b = load_state(target, node.data_b.path, md=_container(node.data_b.get("md")),
                              max_frames=node.data_b.get("max_frames"))
     flow = build_tfep_flow(cfg, target)
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    module = TargetedFEP(flow, target, float(node.temperature_a), optimizer=instantiate(cfg.optim),
+    scheduler = instantiate(cfg.scheduler, where="scheduler") if cfg.get("scheduler") else None
+    module = TargetedFEP(flow, target, float(node.temperature_a), optimizer=instantiate(cfg.optim, where="optim"),
                          scheduler=scheduler, random_translations=bool(node.get("random_translations", False)),
                          seed=int(cfg.seed), max_consecutive_nonfinite=int(cfg.max_consecutive_nonfinite))
     data = StatePairData(state_a, state_b, val_fraction=float(node.val_fraction), batch_size=int(node.batch_size),
