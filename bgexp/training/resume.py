@@ -43,6 +43,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)
 
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's resume load, always weights-only (a checkpoint never runs code; see
+        bgexp.training.artifacts.read_checkpoint, which checks the file first)."""
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        return super().load_checkpoint(path, weights_only=True, **kwargs)
+
 
 def resumed_config(cfg: DictConfig, task_overrides: list[str] | None = None) -> DictConfig:
     """The config of the run folder `cfg.resume` with the other command-line overrides applied and

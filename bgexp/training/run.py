@@ -51,6 +51,8 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     start = time.time()
     cfg = resumed_config(cfg, _task_overrides())  # resume=<run folder>: that run's config and last.ckpt
     task = build_task(cfg)
+    if cfg.get("ckpt_path"):
+        read_checkpoint(cfg.ckpt_path, cfg)  # a foreign, corrupt or crafted file fails before any work
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
@@ -66,8 +68,6 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
 
 def _fit(cfg: DictConfig, task: Task, target, run_dir: Path, start: float) -> dict[str, Any]:
     module, datamodule = task.build(cfg, target)
-    if cfg.get("ckpt_path"):
-        read_checkpoint(cfg.ckpt_path, cfg)  # fail before training on a foreign or corrupt file
     logger = build_logger(cfg, run_dir)
     callbacks = [*build_callbacks(cfg, run_dir), ConfigInCheckpoint(cfg), *task.callbacks(cfg, run_dir)]
     exit_code = 1
