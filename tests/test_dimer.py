@@ -299,3 +299,15 @@ def test_dimension_and_bad_shapes(target):
         target.energy(torch.zeros(2, 38, 2))
     with pytest.raises(ValueError, match="state"):
         target.initial_configurations("half-open", 2)
+
+
+def test_a_modified_dimer_has_no_reference_instead_of_a_wrong_one():
+    """The shipped reference belongs to the standard system: another spring, box or state boundary
+    must not be scored against it (it is looked up by temperature only otherwise)."""
+    from bgexp.targets import DimerTarget
+
+    assert "closed->open" in DimerTarget().reference.delta_f
+    assert "closed->open" in DimerTarget(temperature=2.0).reference.delta_f
+    for changed in ({"k_dimer": 5.0}, {"box_half_length": 4.0}, {"d_transition": 1.4}, {"eps": 2.0}):
+        assert DimerTarget(**changed).reference is None, changed
+    assert DimerTarget(temperature=0.7).reference is None  # no reference at that temperature

@@ -16,12 +16,19 @@ dimer distance d; states: closed (d < 1.5) and open (d >= 1.5).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
 from bgexp.targets.base import Reference, ReferenceValue, Target, load_reference_file
 
 REFERENCE_FILE = "dimer.json"
+# the energy and state parameters the shipped reference (scripts/reference_dimer.py) was computed with
+log = logging.getLogger(__name__)
+
+REFERENCE_PARAMETERS = {"eps": 1.0, "rm": 1.1, "k_dimer": 20.0, "box_half_length": 3.0, "k_box": 100.0,
+                        "d_transition": 1.5}
 
 
 class DimerTarget(Target):
@@ -116,6 +123,13 @@ class DimerTarget(Target):
         return x0.unsqueeze(0) + noise
 
     def _load_reference(self) -> Reference | None:
+        """The shipped reference at this temperature, only for the system it was computed for
+        (`REFERENCE_PARAMETERS`): a modified dimer or box has no reference (None), never a wrong one."""
+        changed = {k: getattr(self, k) for k, v in REFERENCE_PARAMETERS.items() if getattr(self, k) != v}
+        if changed:
+            log.info("no reference free energies for this dimer: %s differ from the reference system %s",
+                     changed, REFERENCE_PARAMETERS)
+            return None
         data = load_reference_file(REFERENCE_FILE)
         if data is None:
             return None
