@@ -24,3 +24,15 @@ def as_space(space, family: str) -> Space:
             raise SpaceError(f"{family} got a space with unknown fields {unknown}; a Space has {list(_FIELDS)}")
         return Space(**{k: space[k] for k in _FIELDS if k in space})
     raise SpaceError(f"{family} expects `space` to be a bgexp.spaces.Space, got {type(space).__name__}")
+
+
+def dim_from(owner: str, dim: int | None, space) -> int:
+    """The width of a flow or prior given as `dim`, as a `space`, or both (then they must agree)."""
+    if space is None:
+        if dim is None:
+            raise ValueError(f"{owner} needs `dim` or `space`")
+        return int(dim)
+    space = as_space(space, owner)
+    if dim is not None and int(dim) != space.dim:
+        raise SpaceError(f"{owner}: dim={dim} does not match the space ({space.describe()})")
+    return space.dim

@@ -13,23 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bgexp.flows._space import as_space
+from bgexp.flows._space import as_space, dim_from
 from bgexp.spaces import Space, SpaceError
-
-
-def _check_space(space, prior: str) -> Space:
-    return as_space(space, prior)
-
-
-def _dim_from(prior: str, dim: int | None, space: Space | None) -> int:
-    if space is None:
-        if dim is None:
-            raise ValueError(f"{prior} needs `dim` or `space`")
-        return int(dim)
-    space = _check_space(space, prior)
-    if dim is not None and int(dim) != space.dim:
-        raise SpaceError(f"{prior}: dim={dim} does not match the space ({space.describe()})")
-    return space.dim
 
 
 class NormalPrior(nn.Module):
@@ -47,7 +32,7 @@ class NormalPrior(nn.Module):
             if space.has_circular or space.is_rigid_bodies:
                 raise SpaceError(f"NormalPrior is a density on R^dim and expects a space without circular features "
                                  f"or rigid bodies, got {space.describe()}")
-        dim = _dim_from("NormalPrior", dim, space)
+        dim = dim_from("NormalPrior", dim, space)
         if space is not None and space.has_circular:
             raise SpaceError(f"NormalPrior is a density on R^d, the space has {sum(space.circular)} circular "
                              f"features (use TorusPrior, or squeeze them with the bounded_torsions layer)")
@@ -87,7 +72,7 @@ class TorusPrior(nn.Module):
         space = None if space is None else as_space(space, "TorusPrior")
         if space is not None and space.is_rigid_bodies:
             raise SpaceError(f"TorusPrior expects linear and circular features, got {space.describe()}")
-        dim = _dim_from("TorusPrior", dim, space)
+        dim = dim_from("TorusPrior", dim, space)
         if space is not None:  # the space's circular features (a space without any: a normal prior)
             mask = space.circular_mask()
             if circular is not None and not torch.equal(torch.as_tensor(circular, dtype=torch.bool), mask):
@@ -137,7 +122,7 @@ class MeanFreeNormalPrior(nn.Module):
                  space: Space | None = None):
         super().__init__()
         if space is not None:
-            space = _check_space(space, "MeanFreeNormalPrior")
+            space = as_space(space, "MeanFreeNormalPrior")
             if not space.is_particles:
                 raise SpaceError(f"MeanFreeNormalPrior expects a particle space (particles x spatial_dim), got "
                                  f"{space.describe()}")

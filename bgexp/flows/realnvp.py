@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from bgexp.flows._space import as_space
+from bgexp.flows._space import as_space, dim_from
 from bgexp.flows.base import SequentialFlow
 from bgexp.flows.coupling import Coupling
 from bgexp.flows.nn import ACTIVATIONS, coupling_masks, mlp  # noqa: F401 - mlp, coupling_masks: old import path
@@ -48,13 +48,10 @@ class AffineCoupling(Coupling):
 def _euclidean_dim(family: str, dim: int | None, space: Space | None) -> int:
     """The width of a family that acts on R^dim: from `dim`, or from a space without angles or
     rigid bodies (SpaceError otherwise)."""
+    width = dim_from(family, dim, space)
     if space is None:
-        if dim is None:
-            raise ValueError(f"{family} needs `dim` or `space`")
-        return int(dim)
+        return width
     space = as_space(space, family)
-    if dim is not None and int(dim) != space.dim:
-        raise SpaceError(f"{family}: dim={dim} does not match the space ({space.describe()})")
     if space.has_circular:
         raise SpaceError(f"{family} acts on R^dim and expects a space without circular features; got "
                          f"{space.describe()} (use NeuralSpline or SmoothTorusFlow for angles)")
