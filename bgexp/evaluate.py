@@ -22,6 +22,9 @@ def main(cfg: DictConfig) -> None:
 
     from bgexp.training.assemble import load_run_config
     from bgexp.training.tasks import build_task
+    from bgexp.training.validation import validate_config
+
+    validate_config(cfg, mode="eval")  # the eval settings, before the run is loaded
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     task = build_task(load_run_config(cfg.run_dir))

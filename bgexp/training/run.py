@@ -24,6 +24,7 @@ from bgexp.training.assemble import build_callbacks, build_logger, build_target
 from bgexp.training.launch import check_parallel_launch, is_multirun
 from bgexp.training.resume import RESOLVED_CONFIG, AtomicCheckpointIO, resumed_config
 from bgexp.training.tasks import FitContext, Task, build_task
+from bgexp.training.validation import validate_config
 
 FAILURE_FILE = "failed.json"
 
@@ -50,6 +51,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     check_parallel_launch(OmegaConf.to_container(cfg.trainer, resolve=True), is_multirun())
     start = time.time()
     cfg = resumed_config(cfg, _task_overrides())  # resume=<run folder>: that run's config and last.ckpt
+    validate_config(cfg, mode="train")  # every config-value error before any data, MD or training (< 5 s)
     task = build_task(cfg)
     if cfg.get("ckpt_path"):
         read_checkpoint(cfg.ckpt_path, cfg)  # a foreign, corrupt or crafted file fails before any work

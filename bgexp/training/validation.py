@@ -1,0 +1,611 @@
+"""Validate before work: `validate_config(cfg, mode="train"|"eval")`, a typed check of a composed
+config that runs first in `bgexp-train` (`run_experiment`, so for every member of a sweep and after
+a resume's merge) and in `bgexp-eval`, before any data generation, MD or training, in well under 5 s.
+Every problem found is reported together in one `ConfigError`, one line each, naming the key, the
+bad value and what is allowed.
+
+What is checked (mode "train", the config of conf/config.yaml):
+
+- unknown keys, also those added with `+` (`+evaluation.final_n_sample=5000`, `+sed=5`): refused
+  with the nearest known key (difflib);
+- `_target_` nodes (task, target, flow.transform, flow.prior, flow.layers.*, loss, optim, scheduler,
+  trainer, logger, callbacks.*) are the declared extension points: their `_target_` must pass the
+  allow-list (bgexp/training/allowlist.py; a ForbiddenTargetError first) and be importable, and
+  every other key must be a parameter of the callable it names (`+target.k_dimer=5` is a parameter
+  of DimerTarget, `+target.k_dimr=5` is not; a callable with **kwargs takes any key). Hydra's
+  `_partial_`, `_recursive_`, `_convert_`, `_args_` and what the builders strip (`target.name`,
+  `flow.transform.dim`) pass;
+- values and ranges: evaluation sizes >= 1 (n_samples, batch_size, n_bootstrap, final_n_samples,
+  final_n_bootstrap, final_n_data, every_n_epochs), 0 < evaluation.confidence < 1, seed,
+  max_consecutive_nonfinite >= 1; data (the parameters of TargetDataModule: val_fraction in (0, 1),
+  batch_size >= 1, split, generate by method: the parameters of the MC sampler or n_samples/seed
+  of exact sampling, md: the fields of MDSettings with their ranges); the smc block (the fields of
+  SMCSettings with their ranges); the tfep block (temperatures > 0, val_fraction in (0, 1), sizes,
+  data_a/data_b, references); inside `_target_` nodes, by parameter name: flow sizes (n_couplings,
+  n_blocks, n_layers, n_heads, n_bins, n_components*, steps, hidden widths) >= 1, a known
+  activation, bound/max_log_scale/atol/rtol > 0; target temperature(_kelvin) > 0 and n_workers;
+  optim lr > 0, weight_decay >= 0; loss weights >= 0, step counts >= 0, batch sizes >= 1, rc_range;
+  trainer max_epochs >= 1 or -1, max_steps >= 1 or -1, check_val_every_n_epoch >= 1,
+  gradient_clip_val >= 0, accumulate_grad_batches >= 1;
+- cross-field rules: `optimized_metric` is a path that can hold a number in this run's results.json
+  (the `Results` schema of bgexp/training/artifacts.py and `objective`: "ess", "nll_test",
+  "delta_f.<name>.<field>", "metrics.<name>", "training.<field>", "n_energy_evals.<field>",
+  "smc.*" only with an smc block, "tfep.*" only for task=tfep, "abs_delta_f_error", an "abs:"
+  prefix); task=tfep needs a `tfep` block and task=bg a `data` block; loss.rc_weight > 0 needs
+  loss.rc_observable; loss.force_weight > 0 needs data.forces=true;
+- the flow can act on the target's space: for targets that are cheap to build (every target
+  without an OpenMM system: dimer, particles, torus) the target is built and the flow recipe is
+  built on its space without data (`build_flow(..., data=None)`, milliseconds), so a bad flow value
+  or a flow/target mismatch (a torus flow on a Cartesian space, a wrong flow.transform.dim) fails
+  here, not after the MC data generation. OpenMM targets (ala2, bpti, ice) take seconds and worker
+  processes to build; for them the flow is checked by the values above and again when built.
+
+Mode "eval" checks the settings of conf/eval.yaml (bgexp-eval, bgexp-sample): run_dir given,
+n_samples, batch_size, n_bootstrap, n_data >= 1, 0 < confidence < 1, the smc block, unknown keys.
+
+Why a declared schema rather than comparing with the config composed without the `+` overrides:
+a schema needs neither the command line nor a second composition, so the same check holds for a
+sweep member (whose overrides come from the sweeper), a resumed run (a stored, resolved config
+merged with new overrides), an experiment file that misspells a key and a config built in Python;
+and it checks values, which a key comparison cannot. The schema is declared where the values are
+consumed, so it cannot drift from the code: the plain sections here (evaluation, paths, tfep, the
+top level), the signatures of the consumers for data (TargetDataModule), data.generate
+(sample_states), data.md and tfep.data_*.md (MDSettings) and smc (SMCSettings), the signature of
+the named callable for every `_target_` node, and for `flow` the keys that the files of conf/flow
+declare (a new flow file that adds a top-level key for its interpolations extends it).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import fields as dataclass_fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from bgexp.training.errors import ConfigError
+
+HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
+MODES = ("train", "eval")
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+class _Sentinel:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+UNRESOLVED = _Sentinel("<unresolved interpolation>")  # e.g. ${hydra:...} outside a Hydra app
+MISSING = _Sentinel("???")
+
+
+def _plain(node: Any) -> Any:
+    """Python containers of a config node, each value resolved where it can be (UNRESOLVED where an
+    interpolation cannot be resolved here, MISSING for `???`)."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    def get(container, key):
+        try:
+            return _plain(container[key])
+        except MissingMandatoryValue:
+            return MISSING
+        except Exception:  # noqa: BLE001 (an interpolation this process cannot resolve: not checked)
+            return UNRESOLVED
+
+    if isinstance(node, DictConfig):
+        return None if node._is_none() else {str(k): get(node, k) for k in node.keys()}
+    if isinstance(node, ListConfig):
+        return None if node._is_none() else [get(node, i) for i in range(len(node))]
+    if isinstance(node, Mapping):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Problems(list):
+    def add(self, key: str, value: Any, allowed: str) -> None:
+        self.append(f"{key}={_short(value)}: {allowed}")
+
+    def unknown(self, section: str, key: str, value: Any, known) -> None:
+        name = key.rsplit(".", 1)[-1]
+        known = sorted(str(k) for k in known)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        prefix = key[: -len(name)]
+        hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+        self.append(f"{section or 'config'}: unknown key {key}={_short(value)}{hint} "
+                    f"(known keys of {section or 'the top level'}: {', '.join(known)})")
+
+
+# value checks: each returns None when the value is allowed, else what is allowed ---------------------
+Check = Callable[[Any], "str | None"]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def integer(lo: int | None = None, none: bool = False, also: tuple = ()) -> Check:
+    def check(v):
+        if (v is None and none) or v in also and _is_int(v):
+            return None
+        ok = _is_int(v) and (lo is None or v >= lo)
+        if ok:
+            return None
+        what = "an integer" + (f" >= {lo}" if lo is not None else "")
+        what += "".join(f" or {a}" for a in also) + (" or null" if none else "")
+        if _is_num(v) and float(v).is_integer() and (lo is None or v >= lo):
+            what += f" (write {int(v)}, not a float)"
+        return f"must be {what}"
+    return check
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = True, hi_open: bool = True,
+           none: bool = False) -> Check:
+    def check(v):
+        if v is None and none:
+            return None
+        ok = _is_num(v) and math.isfinite(float(v))
+        if ok and lo is not None:
+            ok = v > lo if lo_open else v >= lo
+        if ok and hi is not None:
+            ok = v < hi if hi_open else v <= hi
+        if ok:
+            return None
+        if lo is not None and hi is not None:
+            what = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        elif lo is not None:
+            what = f"a number {'>' if lo_open else '>='} {lo:g}"
+        else:
+            what = "a finite number"
+        return f"must be {what}" + (" or null" if none else "")
+    return check
+
+
+def choice(*options: Any, none: bool = False) -> Check:
+    def check(v):
+        if (v is None and none) or v in options:
+            return None
+        return f"must be one of {', '.join(repr(o) for o in options)}" + (" or null" if none else "")
+    return check
+
+
+def boolean(none: bool = False) -> Check:
+    return lambda v: None if isinstance(v, bool) or (v is None and none) else "must be true or false"
+
+
+def text(none: bool = False) -> Check:
+    return lambda v: None if isinstance(v, str) or (v is None and none) else \
+        "must be a string" + (" or null" if none else "")
+
+
+def widths(v: Any) -> str | None:
+    if _is_int(v) and v >= 1:
+        return None
+    if isinstance(v, list) and all(_is_int(h) and h >= 1 for h in v):
+        return None
+    return "must be a width >= 1 or a list of widths >= 1"
+
+
+def anything(v: Any) -> None:
+    return None
+
+
+def _activations() -> Check:
+    from bgexp.flows.nn import ACTIVATIONS
+
+    return choice(*sorted(ACTIVATIONS))
+
+
+# schema nodes -------------------------------------------------------------------------------------
+class Section:
+    """A plain (non-`_target_`) mapping with declared keys; `nullable`: null (switched off) allowed."""
+
+    def __init__(self, keys: Mapping[str, Any], nullable: bool = False, required: tuple[str, ...] = ()):
+        self.keys, self.nullable, self.required = dict(keys), nullable, required
+
+    def check(self, value: Any, key: str, problems: _Problems) -> None:
+        if value is None and self.nullable:
+            return
+        if not isinstance(value, dict):
+            problems.add(key, value, "must be a mapping" + (" or null" if self.nullable else ""))
+            return
+        for name in self.required:
+            if name not in value or value[name] is MISSING:
+                problems.append(f"{_join(key, name)}: required (missing)")
+        for name, sub in value.items():
+            path = _join(key, name)
+            if name not in self.keys:
+                problems.unknown(key, path, sub, self.keys)
+            elif sub is not UNRESOLVED and sub is not MISSING:
+                _check(self.keys[name], sub, path, problems)
+
+
+class MapOf:
+    """A mapping of free names to entries of one kind (callbacks, flow.layers, tfep.references)."""
+
+    def __init__(self, entry: Any, nullable: bool = True):
+        self.entry, self.nullable = entry, nullable
+
+    def check(self, value: Any, key: str, problems: _Problems) -> None:
+        if value is None and self.nullable:
+            return
+        if not isinstance(value, dict):
+            problems.add(key, value, "must be a mapping")
+            return
+        for name, sub in value.items():
+            if sub is not UNRESOLVED:
+                _check(self.entry, sub, _join(key, name), problems)
+
+
+class OneOrList:
+    """One entry or a list of entries (data.md: one MD setting per data.path)."""
+
+    def __init__(self, entry: Any):
+        self.entry = entry
+
+    def check(self, value: Any, key: str, problems: _Problems) -> None:
+        for i, sub in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            if sub is not UNRESOLVED:
+                _check(self.entry, sub, key if i is None else f"{key}[{i}]", problems)
+
+
+class TargetNode:
+    """A `_target_` node: allowed and importable target, keys that are parameters of the callable
+    (module docstring), values by parameter name (`rules`)."""
+
+    def __init__(self, rules: Mapping[str, Check] | None = None, extra: tuple[str, ...] = (), nullable: bool = False,
+                 empty_ok: bool = False):
+        self.rules, self.extra, self.nullable, self.empty_ok = dict(rules or {}), extra, nullable, empty_ok
+
+    def check(self, value: Any, key: str, problems: _Problems) -> None:
+        if value is None and self.nullable or (value == {} and self.empty_ok):
+            return
+        if not isinstance(value, dict) or "_target_" not in value:
+            problems.add(key, value, "must be a mapping with a `_target_`" + (" or null" if self.nullable else ""))
+            return
+        params = _parameters(value["_target_"], _join(key, "_target_"), problems)
+        for name, sub in value.items():
+            path = _join(key, name)
+            if name in HYDRA_KEYS or name in self.extra:
+                continue
+            if params is not None and name not in params:
+                problems.unknown(key, path, sub, [p for p in params if p != "*"] + list(self.extra))
+                continue
+            if sub is UNRESOLVED or sub is MISSING:
+                continue
+            if isinstance(sub, dict) and "_target_" in sub:
+                TargetNode().check(sub, path, problems)
+            elif name in self.rules:
+                _check(self.rules[name], sub, path, problems)
+
+
+def _join(key: str, name: Any) -> str:
+    return f"{key}.{name}" if key else str(name)
+
+
+def _check(spec: Any, value: Any, key: str, problems: _Problems) -> None:
+    if hasattr(spec, "check"):
+        spec.check(value, key, problems)
+    else:
+        allowed = spec(value)
+        if allowed:
+            problems.add(key, value, allowed)
+
+
+def _resolve_target(target: Any):
+    from hydra._internal.utils import _locate
+
+    return _locate(target) if isinstance(target, str) else target
+
+
+def _parameters(target: Any, key: str, problems: _Problems) -> set[str] | None:
+    """The keyword parameters of the callable `target` names (None: it takes any keyword)."""
+    if target is UNRESOLVED:
+        return None
+    try:
+        obj = _resolve_target(target)
+    except Exception as err:  # noqa: BLE001
+        problems.add(key, target, f"cannot be imported ({type(err).__name__}: {err})")
+        return None
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return None
+    return {name for name, p in signature.parameters.items()
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def _signature_keys(fn: Callable, drop: tuple[str, ...] = ()) -> list[str]:
+    return [n for n in inspect.signature(fn).parameters if n not in ("self", *drop)]
+
+
+# the declared schema ------------------------------------------------------------------------------
+def _md_settings() -> Section:
+    from bgexp.targets.dynamics import MDSettings
+
+    rules = {"n_frames": integer(1), "report_interval": integer(1), "chunk_frames": integer(1),
+             "timestep_fs": number(0), "friction_per_ps": number(0), "equilibration_steps": integer(0),
+             "seed": integer(), "minimize": boolean(), "temperature": number(0, none=True)}
+    return Section({f.name: rules.get(f.name, anything) for f in dataclass_fields(MDSettings)})
+
+
+def _smc_settings() -> Section:
+    from bgexp.evaluation.refinement import SMCSettings
+
+    rules = {"n_particles": integer(2), "n_replicates": integer(2), "kernel": text(), "step_size": number(0),
+             "n_steps_per_level": integer(1), "cess_target": number(0, 1), "resample_threshold": number(0, 1, False, False),
+             "max_energy_evals": integer(1, none=True), "per_state": boolean(none=True), "max_draw_factor": integer(1),
+             "confidence": number(0, 1), "batch_size": integer(1), "progress": boolean()}
+    return Section({f.name: rules.get(f.name, anything) for f in dataclass_fields(SMCSettings)}, nullable=True)
+
+
+class _Generate:
+    """data.generate by method: mc takes the parameters of the MC sampler, exact n_samples and seed."""
+
+    def check(self, value: Any, key: str, problems: _Problems) -> None:
+        from bgexp.targets.md import sample_states
+        from bgexp.training.data import GENERATION_METHODS
+
+        if value is None:
+            return
+        if not isinstance(value, dict):
+            problems.add(key, value, "must be a mapping or null")
+            return
+        method = value.get("method", "mc")
+        if method not in GENERATION_METHODS:
+            problems.add(_join(key, "method"), method, f"must be one of {', '.join(GENERATION_METHODS)}")
+            return
+        if method == "exact":
+            keys = {"method": anything, "n_samples": integer(1), "seed": integer()}
+        else:
+            rules = {"states": anything, "n_chains": integer(1), "n_steps": integer(1), "burn_in": integer(0),
+                     "thin": integer(1), "step_size": number(0), "seed": integer()}
+            keys = {"method": anything, **{n: rules.get(n, anything)
+                                           for n in _signature_keys(sample_states, ("target", "progress"))}}
+        Section(keys).check(value, key, problems)
+
+
+def _data() -> Section:
+    from bgexp.training.data import TargetDataModule
+
+    rules = {"path": anything, "cache_dir": text(), "generate": _Generate(), "val_fraction": number(0, 1),
+             "batch_size": integer(1), "num_workers": integer(0), "split_seed": integer(), "progress": boolean(),
+             "md": OneOrList(_md_settings()), "topology": text(none=True), "split": choice("random", "tail"),
+             "forces": boolean()}
+    keys = _signature_keys(TargetDataModule.__init__, ("target", "target_config"))
+    return Section({n: rules.get(n, anything) for n in keys})
+
+
+def _tfep() -> Section:
+    state = Section({"path": text(), "md": _md_settings(), "max_frames": integer(1, none=True)}, required=("path",))
+    state_b = Section(dict(state.keys), nullable=True)
+    reference = Section({"value": number(), "std": number(0, lo_open=False, none=True), "source": text(none=True)},
+                        required=("value",))
+    return Section({"temperature_a": number(0), "data_a": state, "data_b": state_b,
+                    "random_translations": boolean(), "val_fraction": number(0, 1), "batch_size": integer(1),
+                    "eval_batch_size": integer(1), "n_bootstrap": integer(1), "references": MapOf(reference)},
+                   nullable=True, required=("temperature_a", "data_a"))
+
+
+FLOW_RULES: dict[str, Check] = {
+    **{n: integer(1) for n in ("n_couplings", "n_blocks", "n_layers", "n_heads", "n_bins", "n_components",
+                               "n_components_rotation", "n_components_translation", "steps", "max_nfe",
+                               "spatial_dim")},
+    "divergence_chunk": integer(1, none=True), "hidden": widths, "bound": number(0), "max_log_scale": number(0),
+    "min_slope": number(0, 1), "atol": number(0), "rtol": number(0), "temperature": number(0),
+}
+TARGET_RULES: dict[str, Check] = {"temperature": number(0), "temperature_kelvin": number(0),
+                                  "n_workers": integer(1, none=True), "n_particles": integer(2)}
+LOSS_RULES: dict[str, Check] = {
+    **{n: number(0, lo_open=False) for n in ("alpha", "beta", "rc_weight", "force_weight", "sigma")},
+    **{n: integer(0) for n in ("nll_warmup_steps", "kl_ramp_steps")},
+    "kl_batch_size": integer(1), "rc_bins": integer(2), "alignment_iterations": integer(1),
+    "energy_max": number(0),
+}
+OPTIM_RULES: dict[str, Check] = {"lr": number(0), "weight_decay": number(0, lo_open=False)}
+TRAINER_RULES: dict[str, Check] = {
+    "max_epochs": integer(1, none=True, also=(-1,)), "max_steps": integer(1, also=(-1,)),
+    "min_epochs": integer(0, none=True), "check_val_every_n_epoch": integer(1, none=True),
+    "gradient_clip_val": number(0, lo_open=False, none=True), "accumulate_grad_batches": integer(1),
+    "log_every_n_steps": integer(1, none=True),
+}
+
+
+def _declared(name: str, section: str | None = None) -> set[str]:
+    """The keys conf/<name>.yaml declares (at the top level, or in `section`)."""
+    node = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
+    node = node if section is None else node.get(section) or {}
+    return {str(k) for k in node.keys() if k != "defaults"}
+
+
+def _with_declared(rules: dict[str, Any], declared: set[str]) -> dict[str, Any]:
+    return {**{k: anything for k in declared}, **rules}
+
+
+def _flow_keys() -> set[str]:
+    """`layers`, `prior`, `transform` and the top-level keys the files of conf/flow declare."""
+    keys = {"layers", "prior", "transform"}
+    for path in sorted((CONFIG_DIR / "flow").glob("*.yaml")):
+        try:
+            keys |= {str(k) for k in OmegaConf.load(path).keys() if k != "defaults"}
+        except Exception:  # noqa: BLE001 (a broken flow file is Hydra's error when it is chosen)
+            continue
+    return keys
+
+
+def _flow() -> Section:
+    flow_rules = {**FLOW_RULES, "activation": _activations()}
+    node = TargetNode(flow_rules, extra=("dim",))
+    keys = {k: anything for k in _flow_keys()}
+    keys.update(layers=MapOf(TargetNode(flow_rules, nullable=True)), prior=TargetNode(flow_rules, nullable=True),
+                transform=node, spatial_dim=integer(1))
+    return Section(keys, required=("transform",))
+
+
+def train_schema() -> Section:
+    """The declared schema of a training config (conf/config.yaml and its groups)."""
+    evaluation = Section(_with_declared({"every_n_epochs": integer(1), "n_samples": integer(1), "batch_size": integer(1),
+                          "n_bootstrap": integer(1), "final_n_samples": integer(1), "final_n_bootstrap": integer(1),
+                          "final_n_data": integer(1, none=True), "confidence": number(0, 1)},
+                                        _declared("config", "evaluation")))
+    return Section(_with_declared({
+        "task": TargetNode(), "target": TargetNode(TARGET_RULES, extra=("name",)), "data": _data(), "flow": _flow(),
+        "loss": TargetNode(LOSS_RULES), "trainer": TargetNode(TRAINER_RULES),
+        "logger": TargetNode(nullable=True, empty_ok=True),
+        "paths": Section({"output_dir": text(), "data_dir": text()}),
+        "callbacks": MapOf(TargetNode(nullable=True)), "smc": _smc_settings(), "tfep": _tfep(),
+        "experiment_name": text(), "seed": integer(), "tags": anything, "optim": TargetNode(OPTIM_RULES),
+        "scheduler": TargetNode(nullable=True), "max_consecutive_nonfinite": integer(1), "evaluation": evaluation,
+        "optimized_metric": text(), "save_samples": boolean(), "ckpt_path": text(none=True),
+        "resume": text(none=True), "hydra": anything,
+    }, _declared("config")), required=("task", "target", "flow", "evaluation"))
+
+
+def eval_schema() -> Section:
+    """The declared schema of conf/eval.yaml (bgexp-eval, bgexp-sample)."""
+    return Section(_with_declared({
+        "run_dir": text(), "checkpoint": text(), "n_samples": integer(1), "batch_size": integer(1),
+        "n_data": integer(1, none=True), "n_bootstrap": integer(1), "confidence": number(0, 1), "seed": integer(),
+        "out": text(none=True), "smc": _smc_settings(), "hydra": anything}, _declared("eval")), required=("run_dir",))
+
+
+# cross-field rules --------------------------------------------------------------------------------
+RESULT_NUMBERS = ("ess", "n_samples", "nll_test", "wall_s", "seed", "n_nonfinite_energies")
+RESULT_MAPPINGS = ("delta_f", "n_energy_evals", "metrics", "training", "tfep", "smc")
+
+
+def check_optimized_metric(metric: Any, cfg: Mapping[str, Any], problems: _Problems) -> None:
+    """`optimized_metric` must name a number results.json of this run can hold (module docstring)."""
+    key, task = "optimized_metric", _task_name(cfg)
+    if metric is None or metric is UNRESOLVED or not isinstance(metric, str):
+        return
+    path = metric[4:] if metric.startswith("abs:") else metric
+    head, _, rest = path.partition(".")
+    forms = (f"\"abs_delta_f_error\", a number of results.json ({', '.join(RESULT_NUMBERS)}), a path into one "
+             f"of its blocks ({', '.join(b + '.<name>' for b in RESULT_MAPPINGS)}), optionally prefixed by \"abs:\"")
+    if path == "abs_delta_f_error":
+        return
+    if head in RESULT_NUMBERS and not rest:
+        if head == "nll_test" and task == "tfep":
+            problems.add(key, metric, "a task=tfep run has no nll_test (null); use e.g. abs:tfep.estimates.lfep.error")
+        return
+    if head in RESULT_MAPPINGS and rest:
+        if head == "smc" and not cfg.get("smc"):
+            problems.add(key, metric, "results.json has an `smc` block only with an smc group (smc=default)")
+        elif head == "tfep" and task != "tfep":
+            problems.add(key, metric, f"results.json has a `tfep` block only for task=tfep (this run: task={task})")
+        elif head == "metrics" and task == "tfep":
+            problems.add(key, metric, "a task=tfep run has no `metrics` block; use a path under tfep.")
+        return
+    close = difflib.get_close_matches(head, [*RESULT_NUMBERS, *RESULT_MAPPINGS, "abs_delta_f_error"], n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    problems.add(key, metric, f"is not a path that can exist in results.json{hint}. Allowed: {forms}")
+
+
+def _task_name(cfg: Mapping[str, Any]) -> str:
+    task = cfg.get("task")
+    target = str(task.get("_target_", "")) if isinstance(task, dict) else ""
+    return "tfep" if target.endswith("TargetedFEPTask") or (not task and cfg.get("tfep")) else "bg"
+
+
+def _cross_field(cfg: Mapping[str, Any], problems: _Problems) -> None:
+    check_optimized_metric(cfg.get("optimized_metric"), cfg, problems)
+    task = _task_name(cfg)
+    if task == "tfep" and not cfg.get("tfep"):
+        problems.append("tfep: task=tfep needs a `tfep` block (states A and B; see conf/experiment/ice16_rigid.yaml)")
+    if task == "bg" and not isinstance(cfg.get("data"), dict):
+        problems.append("data: task=bg needs a `data` block (the target's group provides one)")
+    loss = cfg.get("loss") if isinstance(cfg.get("loss"), dict) else {}
+    rc_weight = loss.get("rc_weight")
+    if _is_num(rc_weight) and rc_weight > 0 and loss.get("rc_observable") is None:
+        problems.add("loss.rc_observable", None, f"must name an observable of the target when loss.rc_weight={rc_weight} > 0")
+    rc_range = loss.get("rc_range")
+    if rc_range is not None and rc_range is not UNRESOLVED and not (
+            isinstance(rc_range, list) and len(rc_range) == 2 and all(_is_num(v) for v in rc_range)
+            and rc_range[0] < rc_range[1]):
+        problems.add("loss.rc_range", rc_range, "must be [low, high] with low < high")
+    force_weight = loss.get("force_weight")
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    if task == "bg" and _is_num(force_weight) and force_weight > 0 and data.get("forces") is False:
+        problems.add("data.forces", False, f"must be true when loss.force_weight={force_weight} > 0 (force matching "
+                                           f"needs the data's forces)")
+
+
+def _cheap_target(node: Mapping[str, Any]) -> bool:
+    """Whether the target can be built here in milliseconds: anything without an OpenMM system."""
+    from bgexp.targets.openmm import OpenMMTarget
+
+    try:
+        obj = _resolve_target(node.get("_target_"))
+    except Exception:  # noqa: BLE001 (reported by the schema)
+        return False
+    owner = getattr(obj, "__self__", obj)
+    return isinstance(owner, type) and not issubclass(owner, OpenMMTarget)
+
+
+def check_flow_fits_target(cfg: DictConfig, problems: _Problems) -> None:
+    """Build the target (cheap ones only) and the flow recipe on its space without data."""
+    from bgexp.training.assemble import build_flow, build_target
+
+    plain_target = _plain(cfg.get("target"))
+    if not isinstance(plain_target, dict) or not _cheap_target(plain_target):
+        return
+    try:
+        target = build_target(cfg)
+    except Exception as err:  # noqa: BLE001
+        problems.append(f"target: cannot be built ({type(err).__name__}: {err})")
+        return
+    try:
+        build_flow(cfg.flow, target, data=None)
+    except Exception as err:  # noqa: BLE001
+        problems.append(f"flow: cannot act on target {plain_target.get('_target_')} "
+                        f"(space of dimension {target.space.dim}): {type(err).__name__}: {err}")
+    finally:
+        if hasattr(target, "close"):
+            target.close()
+
+
+# the entry point ----------------------------------------------------------------------------------
+def validate_config(cfg: DictConfig | Mapping[str, Any], *, mode: str = "train") -> None:
+    """Raise ConfigError listing every problem of `cfg` (module docstring); `mode`: "train" for
+    bgexp-train's config, "eval" for bgexp-eval's and bgexp-sample's."""
+    from bgexp.training.allowlist import check_config
+
+    if mode not in MODES:
+        raise ValueError(f"validate_config: mode must be one of {MODES}, got {mode!r}")
+    check_config(cfg)  # a _target_ outside the allow-list: ForbiddenTargetError before anything is imported
+    plain = _plain(cfg)
+    problems = _Problems()
+    (train_schema() if mode == "train" else eval_schema()).check(plain, "", problems)
+    if mode == "train":
+        _cross_field(plain, problems)
+        if not problems and _task_name(plain) == "bg":
+            check_flow_fits_target(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), problems)
+    if problems:
+        where = "bgexp-train" if mode == "train" else "bgexp-eval"
+        head = f"invalid configuration for {where} ({len(problems)} problem{'s' if len(problems) > 1 else ''}; " \
+               f"nothing was run):"
+        raise ConfigError(head + "\n  " + "\n  ".join(problems))
+
+
+__all__ = ["validate_config", "check_optimized_metric", "check_flow_fits_target", "train_schema", "eval_schema",
+           "UNRESOLVED", "MISSING"]
