@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bgexp.evaluation.samples import SampleSet, draw_samples, importance_log_weights
+from bgexp.evaluation.samples import SampleSet, canonical_region, draw_samples, importance_log_weights
 from bgexp.training.errors import ConfigError, UnsupportedOperationError
 
 if TYPE_CHECKING:  # heavy (Lightning) imports only where they are used
@@ -189,8 +189,10 @@ class Run:
             self.model.train(was_training)
         with torch.no_grad():
             observed = {name: obs(x).double().cpu().numpy() for name, obs in self.target.observables.items()}
-        return Samples(x=x, log_q=log_q, u=u, log_w=importance_log_weights(u, log_q),
-                       n_nonfinite=int((~torch.isfinite(u)).sum()), observed=observed, target=self.target)
+        inside = canonical_region(self.target, x)
+        return Samples(x=x, log_q=log_q, u=u, log_w=importance_log_weights(u, log_q, inside),
+                       n_nonfinite=int((~torch.isfinite(u)).sum()), observed=observed, target=self.target,
+                       n_outside_region=0 if inside is None else int((~inside).sum()))
 
     def log_prob(self, x: Any, batch_size: int = 10_000) -> torch.Tensor:
         """log q(x) of the flow for configurations x [N, dim] (tensor or array), as a tensor [N]."""

@@ -66,7 +66,7 @@ def evaluate(
     target = bg.target
     delta_f = m.free_energy_differences(samples, target, n_bootstrap, confidence, seed=bg.seed)
     metrics: dict[str, float] = {
-        **m.ess_metrics(samples), **m.energy_stats(samples), **m.populations(samples, target),
+        **m.ess_metrics(samples, target), **m.energy_stats(samples), **m.populations(samples, target),
         **m.delta_f_metrics(delta_f),
         **m.profile_rmse(samples, target, profile_bins, profile_max_f_ref),
         **m.surface_kl(samples, target, profile_bins),

@@ -123,9 +123,12 @@ def _finite_or_none(v: float | None) -> float | None:
 
 
 def ess_metrics(samples: SampleSet, target: Any = None) -> dict[str, float]:
-    """ess (Kish, fraction of N), n_samples, n_nonfinite_energies and the sampling statistics."""
+    """ess (Kish, fraction of N), n_samples, n_nonfinite_energies, the sampling statistics and, for
+    a target with relabelled particles, the fraction of samples outside the canonical region."""
     return {"ess": ess(samples.log_w), "n_samples": float(samples.n),
-            "n_nonfinite_energies": float(samples.n_nonfinite), **samples.sampling}
+            "n_nonfinite_energies": float(samples.n_nonfinite), **samples.sampling,
+            **({"outside_canonical_region": samples.n_outside_region / samples.n}
+               if target is not None and target.relabelling is not None else {})}
 
 
 def energy_stats(samples: SampleSet, target: Any = None) -> dict[str, float]:

@@ -139,7 +139,7 @@ class WeightedStart(Pullback):
     start represents pi_0, so the normalizer is Z_1 / Z_0 as before (Del Moral, Doucet, Jasra 2006)."""
 
     def __init__(self, model, space: Space, n_fit: int = 2000):
-        super().__init__(prior=None, flow=None, energy=model.target.energy, space=space)
+        super().__init__(prior=None, flow=None, energy=canonical_energy(model.target), space=space)
         self.model = model
         with torch.no_grad():
             x, _ = model.sample(n_fit, generator=torch.Generator().manual_seed(0))
@@ -165,8 +165,25 @@ def pullbacks(model) -> dict[str, Pullback]:
     the target's (the sampler counts them; they are reported as n_energy_evals.smc)."""
     energy = model.target.energy
     flow = (WeightedStart(model, model.target.space) if isinstance(model.flow, ContinuousFlow)
-            else Pullback(model.prior, model.flow, energy, model.latent_space))
+            else Pullback(model.prior, model.flow, canonical_energy(model.target), model.latent_space))
     return {"flow": flow, "prior": Pullback(model.prior, model.representation, energy, model.latent_space)}
+
+
+def canonical_energy(target) -> Callable[[Tensor], Tensor]:
+    """The target's energy, +inf outside its canonical region when its interchangeable particles
+    are relabelled (the flow is a density of that region: bgexp/targets/permutations.py), so that
+    SMC from the flow targets mu restricted to it; the target's energy otherwise. SMC from the
+    prior and MCMC need no restriction: every observable they estimate is permutation-invariant."""
+    relabelling = target.relabelling
+    if relabelling is None:
+        return target.energy
+
+    def energy(x: Tensor) -> Tensor:
+        u = target.energy(x)
+        inside = relabelling.in_canonical_region(x).to(u.device)
+        return torch.where(inside, u, torch.full_like(u, math.inf))
+
+    return energy
 
 
 # one run ------------------------------------------------------------------------------------------

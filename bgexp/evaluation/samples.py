@@ -3,6 +3,10 @@
 For N samples x_i ~ q the log-weights are log w_i = -u(x_i) - log q(x_i) (self-normalised
 importance sampling, Noe et al., "Boltzmann generators", Science 2019); samples with a non-finite
 energy get weight zero (u set to +inf) and are counted in `n_nonfinite`, never dropped silently.
+For a target with interchangeable particles relabelled to a canonical order (`target.relabelling`,
+bgexp/targets/permutations.py) the flow is a density of the canonical region R, and
+log w_i = -u(x_i) + log 1_R(x_i) - log q(x_i): samples outside R get weight zero and are counted
+in `n_outside_region`.
 
 The model is duck-typed (`GeneratorModel`): evaluation needs a sampler with a density and the
 target's energy, not the Lightning module that trains it, so this package imports nothing of
@@ -76,6 +80,7 @@ class SampleSet:
     data_u: np.ndarray | None = None
     forces: torch.Tensor | None = None
     sampling: dict[str, float] = field(default_factory=dict)
+    n_outside_region: int = 0
 
     @property
     def n(self) -> int:
@@ -136,9 +141,18 @@ def draw_samples(
     return torch.cat(xs), torch.cat(log_qs), torch.cat(us)
 
 
-def importance_log_weights(u: torch.Tensor, log_q: torch.Tensor) -> np.ndarray:
-    """log w = -u - log q (float64), with -inf where u is not finite."""
-    return log_weights(torch.where(torch.isfinite(u), u, torch.full_like(u, math.inf)), log_q)
+def importance_log_weights(u: torch.Tensor, log_q: torch.Tensor, inside: torch.Tensor | None = None) -> np.ndarray:
+    """log w = -u - log q (float64), with -inf where u is not finite and, given a mask `inside` of
+    the target's canonical region (`canonical_region`), -inf outside it."""
+    keep = torch.isfinite(u) if inside is None else torch.isfinite(u) & inside.to(u.device)
+    return log_weights(torch.where(keep, u, torch.full_like(u, math.inf)), log_q)
+
+
+def canonical_region(target, x: torch.Tensor) -> torch.Tensor | None:
+    """[N] bool: x in the canonical region of a target whose interchangeable particles are
+    relabelled (`target.relabelling`); None for every other target (all of space)."""
+    relabelling = target.relabelling
+    return None if relabelling is None else relabelling.in_canonical_region(x)
 
 
 def sample_set(
@@ -154,13 +168,16 @@ def sample_set(
     x, log_q, u = draw_samples(bg, n_samples, batch_size, bg.make_generator(offset=seed_offset), stats=sampling)
     bg.train(was_training)
     observed = {name: obs(x).double().cpu().numpy() for name, obs in bg.target.observables.items()}
-    samples = SampleSet(x=x, log_q=log_q, u=u, log_w=importance_log_weights(u, log_q),
+    inside = canonical_region(bg.target, x)
+    samples = SampleSet(x=x, log_q=log_q, u=u, log_w=importance_log_weights(u, log_q, inside),
                         n_nonfinite=int((~torch.isfinite(u)).sum()), observed=observed,
-                        data=data, forces=forces, sampling=sampling)
+                        data=data, forces=forces, sampling=sampling,
+                        n_outside_region=0 if inside is None else int((~inside).sum()))
     if samples.has_data:
         with torch.no_grad(), bg.counting_evaluation():
             samples.data_u = bg.energy(samples.data_head.to(bg.device)).double().cpu().numpy()
     return samples
 
 
-__all__ = ["GeneratorModel", "SampleSet", "draw_samples", "importance_log_weights", "sample_set"]
+__all__ = ["GeneratorModel", "SampleSet", "canonical_region", "draw_samples", "importance_log_weights",
+           "sample_set"]

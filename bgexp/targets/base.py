@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from bgexp.spaces import Space
+from bgexp.targets.permutations import ParticleRelabelling
 
 Observable = Callable[[Tensor], Tensor]
 
@@ -71,6 +72,9 @@ class Target(nn.Module):
 
     dim: int
     temperature: float
+    # interchangeable particles relabelled to a canonical order (bgexp/targets/permutations.py):
+    # training data are relabelled, flow samples outside the canonical region get weight zero
+    relabelling: ParticleRelabelling | None = None
 
     def __init__(self) -> None:
         super().__init__()
