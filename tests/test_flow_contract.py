@@ -33,6 +33,7 @@ from bgexp import quaternions as Q  # noqa: E402
 from bgexp.flows.base import AffineStandardization, Flow, InverseFlow, SequentialFlow, out_dim  # noqa: E402
 from bgexp.flows.coordinates import BoundedTorsions, MixedCoordinates, ZMatrix  # noqa: E402
 from bgexp.flows.realnvp import RealNVP  # noqa: E402
+from bgexp.flows.representation import PCAWhitening  # noqa: E402
 from bgexp.flows.splines import NeuralSpline  # noqa: E402
 from bgexp.spaces import Space  # noqa: E402
 from bgexp.training.assemble import build_transform  # noqa: E402
@@ -58,11 +59,19 @@ class Case:
     jacobian: bool = True
 
 
+def _correlated_data(dim: int, n: int = 50) -> torch.Tensor:
+    """Data with a full-rank, non-diagonal covariance (to fit a PCA whitening on)."""
+    g = torch.Generator().manual_seed(3)
+    mixing = torch.randn(dim, dim, generator=g, dtype=torch.float64) + 2 * torch.eye(dim, dtype=torch.float64)
+    return 1.5 + torch.randn(n, dim, generator=g, dtype=torch.float64) @ mixing
+
+
 SMALL_COUPLINGS = {"n_couplings": 3, "hidden": [8, 8]}
 REGISTRY: dict[str, Case] = {
     # one per conf/flow/*.yaml ---------------------------------------------------------------
     "realnvp": Case(Space(6), "realnvp", SMALL_COUPLINGS),
     "realnvp_ic": Case(Space(6), "realnvp_ic", SMALL_COUPLINGS),  # bounded torsions: no angles left
+    "realnvp_pca": Case(Space(6), "realnvp_pca", SMALL_COUPLINGS),
     "nsf_ic": Case(Space(6), "nsf_ic", {**SMALL_COUPLINGS, "n_bins": 4}),
     "nsf_torus_ic": Case(Space(6, MIXED), "nsf_torus_ic", {**SMALL_COUPLINGS, "n_bins": 4}),
     "spline_torus": Case(Space(4, (True,) * 4), "spline_torus", {**SMALL_COUPLINGS, "n_bins": 4}),
@@ -78,6 +87,8 @@ REGISTRY: dict[str, Case] = {
     # representation layers --------------------------------------------------------------------
     "AffineStandardization": Case(Space(5), build=lambda s: AffineStandardization(
         s.dim, torch.linspace(-1.0, 2.0, s.dim), torch.linspace(0.5, 3.0, s.dim))),
+    "PCAWhitening": Case(Space(5, (False, True, False, False, False)), build=lambda s: PCAWhitening(
+        s.dim, s.circular_mask()).double().fit(_correlated_data(s.dim))),
     "BoundedTorsions": Case(Space(6), build=lambda s: BoundedTorsions(torch.tensor(MIXED))),
     "MixedCoordinates": Case(Space(9), build=lambda s: MixedCoordinates(
         ZMatrix.from_bonds(5, [(0, 1), (1, 2), (2, 3), (3, 4)], [0, 1, 2]), whiten=False), jacobian=False),
