@@ -6,6 +6,27 @@ traceback) into its run folder and lets the other members finish: it returns NaN
 joblib and submitit launchers, and raises under the Optuna sweeper, which records the trial as
 FAIL (optuna 2.x refuses NaN values). `bgexp-summarize` lists it as failed. A single run that
 fails exits with the error.
+
+A run that diverges (bgexp.training.callbacks.DivergenceGuard) ends with `TrainingDivergedError`
+and writes `failed.json` with reason "diverged", also as a single run; in a sweep the other
+members go on (a diverging learning rate is an ordinary outcome of a sweep over it).
+
+Signals (bgexp.training.signals): SIGTERM (kill, timeout, docker stop, a scheduler's time limit)
+and SIGINT (Ctrl-C) end the run with `failed.json` (reason "terminated", the signal, and the
+command that resumes it), `checkpoints/last.ckpt` written at the next step boundary, and exit
+status 128 + the signal number (143, 130). `bgexp-train resume=<run folder>` completes the run;
+a later success removes the failed.json.
+In a sweep a signal stops the whole sweep, with that status: the remaining members are not
+launched. A SIGTERM means the job's time is up or its owner wants it stopped (Ctrl-C, docker
+stop, scancel), not that one configuration is bad: starting the next member would only be killed
+in turn (SIGKILL follows SIGTERM after a grace period) and would leave a member without a
+checkpoint. The interrupted member has failed.json and last.ckpt, finished members have
+results.json, unstarted ones have no folder, and the non-zero status tells the caller. To finish
+the sweep, resume the interrupted member and launch the unstarted ones again (Optuna: rerun the
+same study; the trial is recorded as FAIL). On SLURM, Lightning's SLURMEnvironment auto-requeue
+(SIGUSR1, `#SBATCH --signal=SIGUSR1@90`) still saves its hpc checkpoint and requeues the job;
+bgexp leaves that signal to Lightning. With the joblib or submitit launchers signal every process
+of the job (SLURM does; `kill -TERM -<process group>`), since the members run in other processes.
 """
 
 from __future__ import annotations
@@ -28,23 +49,48 @@ def _is_optuna() -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from bgexp.training.signals import terminating_on_signals
+
+    with terminating_on_signals():
+        return _main(cfg)
+
+
+def _main(cfg: DictConfig) -> float | None:
     from bgexp.training.artifacts import objective
-    from bgexp.training.run import run_dir_of, run_experiment, write_failure
+    from bgexp.training.errors import TrainingDivergedError
+    from bgexp.training.launch import UnsupportedLaunchError, is_multirun
+    from bgexp.training.run import FAILURE_FILE, run_dir_of, run_experiment, write_failure
+    from bgexp.training.signals import TERMINATED, as_terminated
 
     try:
         results = run_experiment(cfg)
-    except Exception as err:
-        from bgexp.training.launch import UnsupportedLaunchError, is_multirun
-
+    except BaseException as err:
+        terminated = as_terminated(err)
+        if terminated is not None:  # SIGTERM / SIGINT: stop this run, and a sweep (module docstring)
+            run_dir = run_dir_of(cfg)
+            path = write_failure(cfg, terminated, reason=TERMINATED, signal=terminated.signal_name,
+                                 resume=f"bgexp-train resume={run_dir}")
+            log.error("%s: the run stopped (exit status %d); failed.json: %s; continue it with: bgexp-train "
+                      "resume=%s%s", terminated, terminated.exit_status, path, run_dir,
+                      " (the rest of the sweep is not launched)" if is_multirun() else "")
+            raise SystemExit(terminated.exit_status) from None
+        if not isinstance(err, Exception):
+            raise
+        diverged = isinstance(err, TrainingDivergedError)
+        if diverged:
+            path = write_failure(cfg, err, reason="diverged")
+            log.error("the run diverged; details in %s", path)
         if not is_multirun() or isinstance(err, UnsupportedLaunchError):
             raise  # a single run, or a sweep that cannot work at all (every member would fail alike)
-        path = write_failure(cfg, err)
+        if not diverged:
+            path = write_failure(cfg, err)
         log.error("this sweep member failed (%s: %s); the sweep goes on. Details: %s", type(err).__name__, err, path)
         if _is_optuna():
             raise  # optuna 2.x rejects NaN values; a raised trial is recorded as FAIL and the search goes on
         return float("nan")
     if not results:  # not rank zero
         return None
+    (run_dir_of(cfg) / FAILURE_FILE).unlink(missing_ok=True)  # a resumed run that completed has not failed
     metric = str(cfg.get("optimized_metric") or "ess")
     value = objective(results, metric)
     if value != value and _is_optuna():  # NaN: the metric is missing or undefined in this run

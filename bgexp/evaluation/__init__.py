@@ -8,7 +8,8 @@ their KL; the quadrature KL of a QuadratureTarget; with held-out data the NLL, t
 distances of energies and distributions and, with forces, the force-matching error; for continuous
 flows the function evaluations per sample and the sampling time), then, in a separate step, draws
 the figures from them (`figures`). Samples with non-finite energy get weight zero and are counted
-(`n_nonfinite_energies`).
+(`n_nonfinite_energies`). An evaluation where every log-weight is -inf (a diverged flow) does not
+fail: it reports ESS 0, no free energies, and the reason in `Evaluation.problem`.
 
 This package imports nothing of bgexp.training: the model is duck-typed (`GeneratorModel`).
 """
@@ -34,6 +35,8 @@ class Evaluation:
     delta_f: dict[str, dict[str, Any]]  # name -> value, ci_low, ci_high, reference, source
     figures: dict[str, str] = field(default_factory=dict)
     samples: dict[str, np.ndarray] = field(default_factory=dict)
+    # why the weights are unusable (every log-weight -inf: ESS 0, no Delta F); None when they are not
+    problem: str | None = None
 
 
 def _check(n_samples: int, data: torch.Tensor | None, forces: torch.Tensor | None) -> None:
@@ -78,7 +81,8 @@ def evaluate(
     figures = {}
     if figure_dir is not None:
         figures = draw_figures(samples, target, metrics, figure_dir, tag, profile_bins, profile_max_f_ref)
-    return Evaluation(metrics=metrics, delta_f=delta_f, figures=figures, samples=samples.as_arrays())
+    return Evaluation(metrics=metrics, delta_f=delta_f, figures=figures, samples=samples.as_arrays(),
+                      problem=samples.zero_weight_problem)
 
 
 __all__ = ["evaluate", "Evaluation", "draw_samples", "data_nll", "wasserstein_1", "quadrature_kl_of",

@@ -125,8 +125,10 @@ def _finite_or_none(v: float | None) -> float | None:
 def ess_metrics(samples: SampleSet, target: Any = None) -> dict[str, float]:
     """ess (Kish, fraction of N), n_samples, n_nonfinite_energies, the sampling statistics and, for
     a target with relabelled particles, the fraction of samples outside the canonical region."""
-    return {"ess": ess(samples.log_w), "n_samples": float(samples.n),
-            "n_nonfinite_energies": float(samples.n_nonfinite), **samples.sampling,
+    any_weight = bool(np.isfinite(samples.log_w).any())  # else ESS 0 (SampleSet.zero_weight_problem says why)
+    return {"ess": ess(samples.log_w) if any_weight else 0.0, "n_samples": float(samples.n),
+            "n_nonfinite_energies": float(samples.n_nonfinite),
+            "n_nonfinite_log_q": float(samples.n_nonfinite_log_q), **samples.sampling,
             **({"outside_canonical_region": samples.n_outside_region / samples.n}
                if target is not None and target.relabelling is not None else {})}
 
@@ -157,8 +159,17 @@ def free_energy_differences(samples: SampleSet, target: Any, n_bootstrap: int = 
     names = list(masks)
     reference = target.reference
     out: dict[str, dict[str, Any]] = {}
+    weighted = np.isfinite(samples.log_w)
     for b in names[1:]:
         key = f"{names[0]}->{b}"
+        if not (weighted & (masks[names[0]] | masks[b])).any():  # no weight in either state: undefined
+            out[key] = {"value": None, "ci_low": None, "ci_high": None, "confidence": confidence,
+                        "reference": None, "reference_source": None,
+                        "reason": samples.zero_weight_problem or f"no sample in {names[0]} or {b} has weight"}
+            ref = reference.delta_f.get(key) if reference is not None else None
+            if ref is not None:
+                out[key].update(reference=ref.value, reference_ci=[ref.ci_low, ref.ci_high], reference_source=ref.source)
+            continue
         result = bootstrap(free_energy_difference, samples.log_w, masks[names[0]], masks[b],
                            n_boot=n_bootstrap, confidence=confidence, seed=seed)
         entry: dict[str, Any] = {"value": _finite_or_none(result.value), "ci_low": _finite_or_none(result.ci_low),
@@ -203,15 +214,38 @@ def profile_curve(samples: SampleSet, target: Any, name: str, bins: int = 40, ma
     the additive constant."""
     ref = (target.reference.profiles.get(name) if target.reference is not None else None) or None
     edges = np.asarray(ref["bin_edges"]) if ref and "bin_edges" in ref else bins
-    centres, f = free_energy_profile(samples.observed[name], samples.log_w, bins=edges)
+    s, log_w = _finite_observed(samples, samples.observed[name])
+    if np.isfinite(log_w).any():
+        centres, f = free_energy_profile(s, log_w, bins=edges)
+    else:  # no sample has weight: an empty profile (+inf everywhere), no RMSE
+        edges = edges if np.ndim(edges) else np.histogram_bin_edges(s if s.size else [0.0, 1.0], bins=int(edges))
+        centres, f = 0.5 * (edges[:-1] + edges[1:]), np.full(len(edges) - 1, np.inf)
     if ref is None:
         return ProfileCurve(centres, f)
     f_ref = np.array([np.inf if v is None else v for v in ref["f"]], dtype=float)
-    _, rmse = align_profiles(f, f_ref, max_f_ref=max_f_ref)
+    rmse = align_profiles(f, f_ref, max_f_ref=max_f_ref)[1] if _alignable(f, f_ref, max_f_ref) else None
     drawn = {"x": np.asarray(ref["x"]), "f": f_ref, "label": "reference"}
     if "f_std" in ref:
         drawn["f_std"] = np.array([np.nan if v is None else v for v in ref["f_std"]], dtype=float)
-    return ProfileCurve(centres, f, drawn, float(rmse))
+    return ProfileCurve(centres, f, drawn, None if rmse is None else float(rmse))
+
+
+def _finite_observed(samples: SampleSet, *values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The observable values and log-weights of the samples whose values are all finite (a diverged
+    flow gives NaN or infinite coordinates; those samples have zero weight anyway)."""
+    keep = np.ones(samples.n, dtype=bool)
+    for v in values:
+        keep &= np.isfinite(v)
+    return (*(np.asarray(v)[keep] for v in values), np.asarray(samples.log_w)[keep])
+
+
+def _alignable(f: np.ndarray, f_ref: np.ndarray, max_f_ref: float | None) -> bool:
+    """Whether align_profiles has a bin to work with: f and f_ref finite there (and f_ref within
+    max_f_ref of its minimum); not so when the flow's samples miss every low-energy bin."""
+    mask = np.isfinite(f) & np.isfinite(f_ref)
+    if max_f_ref is not None and np.isfinite(f_ref).any():
+        mask &= np.where(np.isfinite(f_ref), f_ref - f_ref[np.isfinite(f_ref)].min(), np.inf) <= float(max_f_ref)
+    return bool(mask.any())
 
 
 def profile_rmse(samples: SampleSet, target: Any, bins: int = 40, max_f_ref: float = 10.0) -> dict[str, float]:
@@ -244,7 +278,9 @@ def surface_histogram(samples: SampleSet, target: Any, name: str, bins: int = 40
     else:
         x_edges = np.linspace(range_a[0], range_a[1], bins + 1)
         y_edges = np.linspace(range_b[0], range_b[1], bins + 1)
-    p = weighted_histogram2d(samples.observed[obs_a], samples.observed[obs_b], samples.log_w, x_edges, y_edges)
+    a, b, log_w = _finite_observed(samples, samples.observed[obs_a], samples.observed[obs_b])
+    p = (weighted_histogram2d(a, b, log_w, x_edges, y_edges) if np.isfinite(log_w).any()
+         else np.zeros((len(x_edges) - 1, len(y_edges) - 1)))  # no sample has weight
     return Surface(x_edges, y_edges, p, np.asarray(ref["p"]) if ref is not None else None, (obs_a, obs_b))
 
 

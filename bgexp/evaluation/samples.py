@@ -81,6 +81,7 @@ class SampleSet:
     forces: torch.Tensor | None = None
     sampling: dict[str, float] = field(default_factory=dict)
     n_outside_region: int = 0
+    n_nonfinite_log_q: int = 0
 
     @property
     def n(self) -> int:
@@ -107,6 +108,16 @@ class SampleSet:
         if not finite.any():
             return np.zeros(self.n)
         return np.exp(self.log_w - np.max(self.log_w[finite]))
+
+    @property
+    def zero_weight_problem(self) -> str | None:
+        """Why no sample has weight (every log-weight -inf), with the counts; None when one has."""
+        if np.isfinite(self.log_w).any():
+            return None
+        n_bad_x = int((~torch.isfinite(self.x)).reshape(self.n, -1).any(dim=1).sum()) if self.n else 0
+        return (f"every one of the {self.n} log-weights is -inf ({self.n_nonfinite} samples with a non-finite "
+                f"energy, {self.n_nonfinite_log_q} with a non-finite log q, {n_bad_x} with non-finite coordinates): "
+                "no sample has weight, so the ESS is 0 and free energies, profiles and surfaces are undefined")
 
     def as_arrays(self) -> dict[str, np.ndarray]:
         """The samples as saved with a run (samples.npz): x, log_q, energy, log_w."""
@@ -142,10 +153,14 @@ def draw_samples(
 
 
 def importance_log_weights(u: torch.Tensor, log_q: torch.Tensor, inside: torch.Tensor | None = None) -> np.ndarray:
-    """log w = -u - log q (float64), with -inf where u is not finite and, given a mask `inside` of
-    the target's canonical region (`canonical_region`), -inf outside it."""
-    keep = torch.isfinite(u) if inside is None else torch.isfinite(u) & inside.to(u.device)
-    return log_weights(torch.where(keep, u, torch.full_like(u, math.inf)), log_q)
+    """log w = -u - log q (float64), with -inf where u or log q is not finite (a diverged flow can
+    return NaN or infinite densities) and, given a mask `inside` of the target's canonical region
+    (`canonical_region`), -inf outside it."""
+    keep = torch.isfinite(u) & torch.isfinite(log_q)
+    if inside is not None:
+        keep &= inside.to(u.device)
+    return log_weights(torch.where(keep, u, torch.full_like(u, math.inf)),
+                       torch.where(keep, log_q, torch.zeros_like(log_q)))
 
 
 def canonical_region(target, x: torch.Tensor) -> torch.Tensor | None:
@@ -170,7 +185,8 @@ def sample_set(
     observed = {name: obs(x).double().cpu().numpy() for name, obs in bg.target.observables.items()}
     inside = canonical_region(bg.target, x)
     samples = SampleSet(x=x, log_q=log_q, u=u, log_w=importance_log_weights(u, log_q, inside),
-                        n_nonfinite=int((~torch.isfinite(u)).sum()), observed=observed,
+                        n_nonfinite=int((~torch.isfinite(u)).sum()),
+                        n_nonfinite_log_q=int((~torch.isfinite(log_q)).sum()), observed=observed,
                         data=data, forces=forces, sampling=sampling,
                         n_outside_region=0 if inside is None else int((~inside).sum()))
     if samples.has_data:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from bgexp.atomic import atomic_write, write_json_atomic
 from bgexp.training.artifacts import ConfigInCheckpoint, read_checkpoint
 from bgexp.training.assemble import build_callbacks, build_logger, build_target
+from bgexp.training.callbacks import run_guards
 from bgexp.training.launch import check_parallel_launch, is_multirun
 from bgexp.training.resume import RESOLVED_CONFIG, AtomicCheckpointIO, resumed_config
 from bgexp.training.tasks import FitContext, Task, build_task
@@ -71,7 +72,8 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
 def _fit(cfg: DictConfig, task: Task, target, run_dir: Path, start: float) -> dict[str, Any]:
     module, datamodule = task.build(cfg, target)
     logger = build_logger(cfg, run_dir)
-    callbacks = [*build_callbacks(cfg, run_dir), ConfigInCheckpoint(cfg), *task.callbacks(cfg, run_dir)]
+    callbacks = [*build_callbacks(cfg, run_dir), ConfigInCheckpoint(cfg), *task.callbacks(cfg, run_dir),
+                 *run_guards(cfg, run_dir)]  # divergence guard, signals (bgexp.training.signals)
     exit_code = 1
     try:
         trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
@@ -96,12 +98,13 @@ def _finish_wandb(logger, exit_code: int) -> None:
         wandb.finish(exit_code=exit_code)
 
 
-def write_failure(cfg: DictConfig, err: BaseException) -> Path:
-    """`failed.json` (the error and its traceback) in the run folder of a sweep member that failed."""
+def write_failure(cfg: DictConfig, err: BaseException, **extra: Any) -> Path:
+    """`failed.json` (the error, its traceback and `extra`, e.g. reason="terminated") in the run
+    folder of a run that failed."""
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / FAILURE_FILE
-    write_json_atomic(path, {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
+    write_json_atomic(path, {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(), **extra})
     return path
 
 
