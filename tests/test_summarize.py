@@ -28,6 +28,7 @@ def n_of(folder) -> str:
     return folder.name
 
 
+@pytest.mark.bad_input
 def test_a_damaged_results_file_is_one_damaged_row(tmp_path):
     make_run(tmp_path / "a", 1e-3, 0, ess=0.2)
     make_run(tmp_path / "b", 1e-2, 0, ess=0.4)

@@ -16,6 +16,15 @@ Every file is written atomically (`bgexp.atomic`), the chunk first and the check
 so a run killed at any moment resumes from its last complete chunk (`run_md` on the same folder
 continues; a chunk written after the last checkpoint is discarded and redone). `load_md` reads
 the chunks back and checks them against the topology.
+
+Provenance: a folder is only ever continued or reused by a request with the same target, atom
+count, force field, temperature and settings (`check_md_folder`, called by `run_md` before any
+work, also on a complete folder). Anything else is an `MDSettingsMismatch` that lists each
+differing field, requested against stored, and says what to do; a folder whose metadata.json
+stores no settings (an older format) cannot be checked and is refused in the same way. It is an
+error rather than a new folder because the folder is the user's own path (`data.path`,
+`out_dir`): MD costs hours, and silently writing elsewhere would hide which data a run used.
+A chunk that cannot be read (truncated, damaged, missing) is an `MDError` naming the file.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import io
 import json
 import logging
 import time
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +53,15 @@ CHUNKS = "chunks"
 
 class MDError(ValueError):
     """An MD folder or trajectory that is missing, inconsistent or does not fit the topology."""
+
+
+class MDSettingsMismatch(MDError):
+    """An MD folder made with other settings (or with none stored) than the requested ones."""
+
+
+# what must agree between the run in a folder and a request to continue or reuse it
+# (the settings' `temperature` is compared through `temperature_kelvin`: None means the target's)
+CHECKED_FIELDS = ("target", "n_atoms", "forcefield", "temperature_kelvin", "settings")
 
 
 @dataclass
@@ -110,8 +130,9 @@ def run_md(target, out_dir: str | Path, settings: MDSettings | None = None, plat
            threads: int | None = None, progress: bool = True) -> Path:
     """Run (or resume) Langevin MD of an `OpenMMTarget` into `out_dir`; returns `out_dir`.
 
-    Resuming requires the same settings, target and temperature; anything else is an MDError
-    that names the differing fields (start a new folder instead).
+    Resuming, or reusing a complete folder, requires the same settings, target and temperature;
+    anything else is an MDSettingsMismatch, before any work, that lists the differing fields
+    (requested and stored) and what to do (`check_md_folder`).
     """
     # imported first, so that a missing dependency fails before anything is written
     import mdtraj  # noqa: F401
@@ -120,9 +141,10 @@ def run_md(target, out_dir: str | Path, settings: MDSettings | None = None, plat
     settings = settings or MDSettings()
     settings.check()
     out_dir = Path(out_dir)
-    (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
     temperature = float(settings.temperature or target.temperature)
     metadata = _run_metadata(target, settings, temperature, platform)
+    check_md_folder(out_dir, metadata)
+    (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
     n_chunks = -(-settings.n_frames // settings.chunk_frames)
     chunks_done, complete = _previous_progress(out_dir, metadata, n_chunks)
     if complete:
@@ -158,11 +180,10 @@ def _run_metadata(target, settings: MDSettings, temperature: float, platform: st
 
 def _previous_progress(out_dir: Path, metadata: dict[str, Any], n_chunks: int) -> tuple[int, bool]:
     """(chunks done, whether the run is complete) of the run already in `out_dir`; (0, False) for
-    a new folder. MDError if that run is another one, or if its checkpoint is missing."""
+    a new folder (checked by `check_md_folder` first). MDError if its checkpoint is missing."""
     if not (out_dir / METADATA).exists():
         return 0, False
     old = read_metadata(out_dir)
-    _check_same_run(out_dir, old, metadata)
     chunks_done = int(old.get("chunks_done", 0))
     if chunks_done >= n_chunks and old.get("status") == "complete":
         return chunks_done, True
@@ -171,16 +192,71 @@ def _previous_progress(out_dir: Path, metadata: dict[str, Any], n_chunks: int) -
     return chunks_done, False
 
 
-def _check_same_run(out_dir: Path, old: dict[str, Any], metadata: dict[str, Any]) -> None:
-    """MDError naming the fields (target, atoms, temperature, force field, settings) in which the
-    run already in `out_dir` (metadata `old`) differs from the requested one."""
-    keys = ("target", "n_atoms", "temperature_kelvin", "forcefield", "settings")
-    differing = [k for k in keys if old.get(k) != metadata.get(k)]
-    if differing:
-        raise MDError(
-            f"{out_dir} holds an MD run with other {', '.join(differing)} "
-            f"({ {k: old.get(k) for k in differing} }); choose a new folder to start another run"
-        )
+class _Missing:
+    """A field a stored metadata.json lacks."""
+
+    def __repr__(self) -> str:
+        return "<not stored>"
+
+
+MISSING = _Missing()
+
+
+def check_md_folder(out_dir: str | Path, metadata: dict[str, Any]) -> None:
+    """Refuse (MDSettingsMismatch) to continue or reuse the run in `out_dir` for a request whose
+    metadata (that `run_md` would write) differs in target, atoms, force field, temperature or settings;
+    also refuse a folder whose metadata stores none of them (an older format), and chunk files
+    without a metadata.json (not an MD folder of this module). A missing or empty folder passes."""
+    out_dir = Path(out_dir)
+    if not (out_dir / METADATA).exists():
+        stray = sorted((out_dir / CHUNKS).glob("chunk_*")) if (out_dir / CHUNKS).is_dir() else []
+        if stray:  # metadata.json is written before the first chunk: these come from elsewhere
+            raise MDSettingsMismatch(
+                f"{out_dir} holds MD chunks ({stray[0].name}, ...) but no {METADATA}, so the settings they "
+                f"were made with are unknown; delete the folder to run the MD again, or point the data path "
+                f"at another folder")
+        return
+    differences = settings_differences(read_metadata(out_dir), metadata)
+    if differences:
+        raise MDSettingsMismatch(_mismatch_message(out_dir, differences))
+
+
+def settings_differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(field, requested, stored) for every checked field in which two runs' metadata differ; settings
+    are compared one by one (`settings.n_frames`), their `temperature` through `temperature_kelvin`.
+    A field the stored metadata lacks is listed with stored value `MISSING`."""
+    def checked(metadata: dict[str, Any]) -> dict[str, Any]:
+        out = {key: metadata.get(key, MISSING) for key in CHECKED_FIELDS}
+        if isinstance(out["settings"], dict):
+            out["settings"] = {k: v for k, v in out["settings"].items() if k != "temperature"}
+        return out
+
+    return differences(checked(requested), checked(stored))
+
+
+def differences(requested: Any, stored: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted field, requested, stored) for every leaf in which two nested dicts differ; a key that
+    one side lacks has the value `MISSING` there."""
+    if isinstance(requested, dict) and isinstance(stored, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(requested) | set(stored), key=str):
+            out += differences(requested.get(key, MISSING), stored.get(key, MISSING), f"{prefix}{key}.")
+        return out
+    return [] if requested == stored else [(prefix.rstrip("."), requested, stored)]
+
+
+def _mismatch_message(out_dir: Path, differences: list[tuple[str, Any, Any]]) -> str:
+    lines = [f"  {field}: requested {requested!r}, stored {stored!r}" for field, requested, stored in differences]
+    if any(stored is MISSING for _, _, stored in differences):
+        head = (f"{out_dir}/{METADATA} does not store the settings this MD was made with (a folder of an "
+                f"older format, or edited), so it cannot be checked against the requested ones:")
+        advice = (f"delete {out_dir} to run the MD again with the requested settings, point the data path at "
+                  f"another folder, or request no MD settings (data.md: null) to use its frames as they are")
+    else:
+        head = f"{out_dir} holds an MD run with other settings than the requested ones:"
+        advice = (f"delete {out_dir} to run the MD again with the requested settings, or point the data path "
+                  f"(data.path / out_dir) at another folder for this run")
+    return "\n".join([head, *lines, advice])
 
 
 def _discard_stale_chunks(out_dir: Path, chunks_done: int) -> None:
@@ -325,11 +401,7 @@ def load_md(out_dir: str | Path, n_atoms: int | None = None, allow_incomplete: b
     xs, es, fs = [], [], []
     for k in range(int(metadata.get("chunks_done", 0))):
         _, npz = _chunk_paths(out_dir, k)
-        try:
-            with np.load(npz) as f:
-                xyz, energies, forces = f["x"], f["energies"], f["forces"]
-        except (OSError, KeyError, ValueError) as err:
-            raise MDError(f"cannot read MD chunk {npz}: {err}") from err
+        xyz, energies, forces = read_chunk(npz)
         if xyz.ndim != 3 or xyz.shape[1:] != (expected, 3):
             raise MDError(f"MD chunk {npz} holds frames of {xyz.shape[1:]} but the topology has {expected} atoms")
         if len(energies) != len(xyz):
@@ -341,6 +413,19 @@ def load_md(out_dir: str | Path, n_atoms: int | None = None, allow_incomplete: b
         raise MDError(f"{out_dir} holds no complete chunk yet")
     return MDData(np.concatenate(xs).astype(np.float32), np.concatenate(es), np.concatenate(fs),
                   metadata, top_path)
+
+
+def read_chunk(npz: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frames, energies and forces of one chunk .npz; MDError naming the file when it is missing,
+    truncated, damaged or lacks an array (a chunk cannot be redone alone: its starting state is gone)."""
+    try:
+        with np.load(npz, allow_pickle=False) as f:
+            return f["x"], f["energies"], f["forces"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        reason = "is missing" if not npz.exists() else f"is damaged or truncated ({type(err).__name__}: {err})"
+        out_dir = npz.parent.parent
+        raise MDError(f"MD chunk {npz} {reason}; restore it from a copy, or delete the MD folder {out_dir} and "
+                      f"run the MD again (a run with data.md settings regenerates it)") from err
 
 
 def load_trajectory(path: str | Path, topology: str | Path, n_atoms: int):

@@ -14,8 +14,23 @@ Sources:
   `generate.method: exact`, drawn from the target's exact sampler, `target.sample(n_samples,
   generator=torch.Generator().manual_seed(seed))`, and cached as `<cache_dir>/<name>-<hash>.npz`,
   where the hash covers the target's config and the sampler settings. The file stores those settings; a cache whose stored settings differ
-  (stale) or that cannot be read (malformed) is regenerated with a warning, never used silently.
-  Files are written atomically (`bgexp.atomic`), so a crash never leaves half a cache.
+  (stale: the warning lists each differing field, requested against stored), that stores none
+  (an older format) or that cannot be read (damaged, truncated) is regenerated with a warning,
+  never used silently. Files are written atomically (`bgexp.atomic`), so a crash never leaves half
+  a cache.
+
+Provenance of MD folders and caches. The two differ on purpose:
+- a generated cache is ours, cheap to remake and already keyed by its settings: other settings
+  mean another file name, so a request never meets another request's cache; a file at the keyed
+  path with other or no stored settings is regenerated in place (with the warning above);
+- an MD folder is the user's own `data.path` and costs up to hours of MD. With `data.md` settings,
+  a folder (complete or not) made with other settings (temperature, frame count, any MD setting,
+  target, force field) or whose metadata.json stores none (an older format) is a
+  `DataProvenanceError` (a DataError) that lists each differing field, requested against stored,
+  and says what to do: delete the folder to run the MD again, or point data.path elsewhere.
+  Regenerating into a keyed folder elsewhere would leave the user's path silently unused and the
+  data a run trained on harder to find. Without `data.md`, a folder is used as it is (its
+  temperature and frame count are logged).
 
 Forces (`forces: true`, for force matching): the data module also provides `f_train`, `f_val`,
 the reduced forces f = -grad_x u(x) at the target's temperature (units kT per unit of x, rows
@@ -45,7 +60,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bgexp.atomic import atomic_write
 from bgexp.targets.base import EnergyScale, ExactSampler, MolecularTarget, ParticleSystem, Target
-from bgexp.targets.dynamics import MDError, MDSettings, is_complete, load_md, load_trajectory, run_md
+from bgexp.targets.dynamics import (MDError, MDSettings, MDSettingsMismatch, differences, is_complete, load_md,
+                                    load_trajectory, run_md)
 from bgexp.targets.md import sample_states
 
 GENERATION_METHODS = ("mc", "exact")
@@ -58,9 +74,21 @@ class DataError(ValueError):
     """A data file is missing, malformed or does not fit the target."""
 
 
+class DataProvenanceError(DataError):
+    """An MD folder made with other settings (or with none stored) than the requested `data.md`."""
+
+
 def settings_hash(settings: dict[str, Any]) -> str:
     blob = json.dumps(settings, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _json_differences(requested: str, stored: str) -> list[tuple[str, Any, Any]]:
+    """(dotted key, requested, stored) for every leaf in which two JSON settings differ."""
+    try:
+        return differences(json.loads(requested), json.loads(stored))
+    except json.JSONDecodeError:
+        return [("settings", requested, stored)]
 
 
 def load_npz(path: Path, dim: int) -> dict[str, np.ndarray]:
@@ -71,7 +99,8 @@ def load_npz(path: Path, dim: int) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"data file {path} is not a readable .npz file ({err})") from err
+        raise DataError(f"data file {path} is not a readable .npz file (damaged or truncated? "
+                        f"{type(err).__name__}: {err}); replace it, or delete it if bgexp generated it") from err
     if "x" not in arrays:
         raise DataError(f"data file {path} has no array 'x' (found {sorted(arrays)})")
     x = arrays["x"]
@@ -215,26 +244,30 @@ class TargetDataModule(pl.LightningDataModule):
         except DataError as err:
             log.warning("ignoring malformed data cache: %s; regenerating", err)
             return None
-        stored = str(arrays.get("settings_json", ""))
         expected = json.dumps(self.cache_settings(), sort_keys=True, default=str)
+        if "settings_json" not in arrays:
+            log.warning("data cache %s stores no settings (an older format), so it cannot be checked; "
+                        "regenerating", path)
+            return None
+        stored = str(arrays["settings_json"])
         if stored != expected:
-            log.warning("data cache %s was made with other settings; regenerating", path)
+            log.warning("data cache %s was made with other settings; regenerating. Differences:\n%s", path,
+                        "\n".join(f"  {k}: requested {r!r}, stored {o!r}"
+                                   for k, r, o in _json_differences(expected, stored)))
             return None
         return arrays["x"]
 
     def _load_md_folder(self, path: Path, md: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
-        if md is not None and not is_complete(path):
-            if not isinstance(self.target, MolecularTarget):
-                raise DataError(f"data.md: {type(self.target).__name__} is not an OpenMM target; "
-                                f"MD data cannot be generated for it")
-            md = dict(md)
-            platform, threads = md.pop("platform", "CPU"), md.pop("threads", None)
-            log.info("running MD into %s", path)
-            run_md(self.target, path, MDSettings(**md), platform=platform, threads=threads, progress=self.progress)
+        if md is not None:
+            self._run_or_check_md(path, md)
         try:
             data = load_md(path, n_atoms=self.target.dim // 3)
         except MDError as err:
             raise DataError(str(err)) from err
+        if md is None:
+            meta = data.metadata
+            log.info("MD folder %s used as it is (no data.md settings): %d frames at %s K", path, len(data.x),
+                     meta.get("temperature_kelvin", "unknown"))
         if not self.forces:
             return data.x, None
         if not isinstance(self.target, EnergyScale):
@@ -242,6 +275,28 @@ class TargetDataModule(pl.LightningDataModule):
                             f"{type(self.target).__name__} has no `kbt` (kT in kJ/mol) to reduce them with")
         forces = np.asarray(data.forces, dtype=np.float64).reshape(data.x.shape) / float(self.target.kbt)
         return data.x, forces
+
+    def _run_or_check_md(self, path: Path, md: dict[str, Any]) -> None:
+        """Run (or resume) the MD of `md` into `path`, or check that the complete run there was
+        made with exactly these settings (`run_md` checks first, before any work):
+        DataProvenanceError listing the differing fields otherwise."""
+        if not isinstance(self.target, MolecularTarget):
+            raise DataError(f"data.md: {type(self.target).__name__} is not an OpenMM target; MD data cannot "
+                            f"be generated or checked for it (set data.md: null to read {path} as it is)")
+        md = dict(md)
+        platform, threads = md.pop("platform", "CPU"), md.pop("threads", None)
+        try:
+            settings = MDSettings(**md)
+        except TypeError as err:
+            raise DataError(f"data.md: {err} (keys: {sorted(MDSettings.__dataclass_fields__)}, platform, threads)") from err
+        if not is_complete(path):
+            log.info("running MD into %s", path)
+        try:
+            run_md(self.target, path, settings, platform=platform, threads=threads, progress=self.progress)
+        except MDSettingsMismatch as err:
+            raise DataProvenanceError(f"data.path {path} with data.md: {err}") from err
+        except MDError as err:
+            raise DataError(str(err)) from err
 
     def _load_source(self, path: Path, md: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
         """One data source (an MD folder, an .npz file or a trajectory file): x and, when forces
