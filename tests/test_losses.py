@@ -232,3 +232,30 @@ def test_the_staged_config_is_the_published_recipe():
         (1.0, 0.0, 0.0, 1e4), (100.0, 1.0, 1.0, 1e4), (20.0, 1.0, 10.0, 1e3), (0.1, 1.0, 10.0, 1e3)]
     assert loss.rc_form == "log_barrier" and loss.rc_bandwidth == pytest.approx(2 / 11)
     assert loss.rc_grid.tolist() == pytest.approx([0.5 + 0.2 * k for k in range(11)])
+
+
+def test_kl_at_several_temperatures_against_its_definition():
+    """Identity flow at initialisation: z ~ N(0, tau I), u / tau = |z|^2 / (2 s^2 tau), so
+    E[u / tau] = d tau / (2 s^2 tau) = d / (2 s^2) = 6 at every tau; the batch is split evenly, every
+    sample's energy counted once; one temperature [1] is the plain KL, bit for bit."""
+    loss = JointLoss(alpha=1.0, beta=1.0, kl_batch_size=6000, kl_temperatures=[0.25, 1.0, 4.0])
+    bg = make_bg(loss)
+    kl, _, _ = loss.reverse_kl(bg, 6000, 1e3)
+    _, groups, _ = loss.reverse_kl(bg, 6000, 1e3)
+    assert [len(g) for g in groups] == [2000, 2000, 2000]
+    assert float(kl) == pytest.approx(6.0, rel=0.05)
+    widths = [float(g.square().mean()) for g in groups]  # E z_i^2 = tau
+    assert widths == pytest.approx([0.25, 1.0, 4.0], rel=0.1)
+    assert bg.n_energy_evals_train == 12000
+    plain, one = JointLoss(kl_batch_size=256), JointLoss(kl_batch_size=256, kl_temperatures=[1.0])
+    a, _ = plain.kl(make_bg(plain), 256)
+    b, _ = one.kl(make_bg(one), 256)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("kw, match", [({"kl_temperatures": [1.0, -0.5]}, "> 0"),
+                                       ({"kl_temperatures": [1.0, 2.0], "kl_batch_size": 1}, "smaller than")])
+def test_bad_kl_temperatures_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        JointLoss(**kw)

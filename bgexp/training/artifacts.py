@@ -46,7 +46,7 @@ from bgexp.training.errors import ConfigError, ResultsError
 MODEL_KEYS = ("target", "flow")
 # config keys that do not change results (left out of the config hash)
 UNHASHED_KEYS = ("hydra", "paths", "ckpt_path", "logger", "resume", "optimized_metric")
-OPTIONAL_BLOCKS = ("metrics", "training", "tfep", "smc", "evaluated_from", "n_nonfinite_energies")
+OPTIONAL_BLOCKS = ("metrics", "training", "tfep", "smc", "evaluated_from", "n_nonfinite_energies", "temperatures")
 RESULTS_FILE = "results.json"
 
 

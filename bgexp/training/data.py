@@ -372,6 +372,11 @@ class TargetDataModule(pl.LightningDataModule):
             return
         x_all, f_all = self.load_data()
         x = torch.as_tensor(x_all, dtype=torch.get_default_dtype())
+        if self.target.relabelling is not None:  # interchangeable particles: canonical order
+            perm = self.target.relabelling.permutation(x)
+            x = self.target.relabelling.permute(x, perm)
+            if f_all is not None:
+                f_all = self.target.relabelling.permute(torch.as_tensor(f_all), perm).numpy()
         if self.split == "tail":  # correlated MD frames: hold out the end of the trajectory
             perm = torch.arange(x.shape[0] - 1, -1, -1)
         else:

@@ -21,7 +21,8 @@ an observable r(x) (`rc_observable`), in one of two forms (`rc_form`):
   L_RC = -sum_k log h_k. It is smallest, K log K, for the flat histogram h_k = 1/K (AM-GM) and
   grows without bound as a bin empties. Computed in log space (log h_k = logsumexp_i log m_ik -
   log N with log m_ik a log-softmax over k), log h_k clamped below at log(1e-30) against log 0.
-  (The paper trains several temperatures at once, one histogram each; here one temperature.)
+  With `kl_temperatures`, one histogram per temperature and the loss averaged over them, as the
+  paper trains several temperatures at once.
 Adding the RC term spreads samples along r and stops the reverse KL from collapsing onto one state;
 reweighting removes the bias it introduces.
 
@@ -33,6 +34,10 @@ stage with kl = 0 draws no KL batch (no energies), one with nll = 0 evaluates no
 replaces alpha, beta, nll_warmup_steps, kl_ramp_steps, rc_weight and energy_cut_high (a config
 that gives both is refused). The stage index and its weights are logged every step. A learning
 rate per stage is not part of the loss (the optimiser belongs to the module; use a scheduler).
+
+Several temperatures (`kl_temperatures`, relative to the target's): the KL batch is split over
+them, z ~ N(0, tau I) scaled prior, energies u / tau (see `reverse_kl`); the NLL stays on the data
+at the target temperature. Evaluate the same flow at tau with `evaluation.temperatures`.
 
 Optional force matching (Koehler, Kraemer, Noe, "Smooth Normalizing Flows", NeurIPS 2021): on data
 x with reduced forces f(x) = -grad_x u(x) at the target temperature (the score of mu ~ exp(-u)),
@@ -175,6 +180,7 @@ class JointLoss:
         force_weight: float = 0.0,
         rc_form: str = "entropy",
         stages: Sequence[Mapping[str, Any]] | None = None,
+        kl_temperatures: Sequence[float] | None = None,
     ):
         given = {"alpha": alpha, "beta": beta, "nll_warmup_steps": nll_warmup_steps, "kl_ramp_steps": kl_ramp_steps,
                  "rc_weight": rc_weight, "energy_cut_high": energy_cut_high}
@@ -205,6 +211,14 @@ class JointLoss:
         self.force_weight = float(force_weight)
         self.nll_warmup_steps, self.kl_ramp_steps = int(nll_warmup_steps), int(kl_ramp_steps)
         self.kl_batch_size = int(kl_batch_size)
+        self.kl_temperatures = None if not kl_temperatures else [float(t) for t in kl_temperatures]
+        if self.kl_temperatures is not None:
+            if any(not t > 0 for t in self.kl_temperatures):
+                raise ValueError(f"loss.kl_temperatures must all be > 0 (relative to target.temperature), got "
+                                 f"{list(kl_temperatures)}")
+            if len(self.kl_temperatures) > self.kl_batch_size:
+                raise ValueError(f"loss.kl_batch_size={kl_batch_size} is smaller than the number of "
+                                 f"loss.kl_temperatures ({len(self.kl_temperatures)}): each needs samples")
         self.energy_cut_high, self.energy_max = float(energy_cut_high), float(energy_max)
         if rc_weight < 0:
             raise ValueError(f"rc_weight must be >= 0, got {rc_weight}")
@@ -299,25 +313,49 @@ class JointLoss:
         return self.rc_negative_entropy(r), "rc_neg_entropy"
 
     def reverse_kl(self, bg: "BoltzmannGenerator", n: int, energy_cut_high: float
-                   ) -> tuple[Tensor, Tensor, dict[str, float]]:
-        """(L_KL, the samples x, their energy statistics) for n latent samples, energies cut at
-        `energy_cut_high`."""
-        z = bg.prior.sample(n, generator=bg.latent_generator)
-        x, logdet = bg.flow(z)
-        u = bg.energy(x)
-        u_cut, n_bad = linlog_cut(u, energy_cut_high, self.energy_max)
-        finite = u.detach()[torch.isfinite(u.detach())]
+                   ) -> tuple[Tensor, list[Tensor], dict[str, float]]:
+        """(L_KL, the samples x of each KL temperature, their energy statistics) for n latent samples,
+        reduced energies cut at `energy_cut_high`.
+
+        With `kl_temperatures` [tau_1, ..., tau_K] the batch is split evenly over them: z ~ N(0, tau_k T_p I)
+        (the prior's samples scaled by sqrt(tau_k)), x = F(z), energy u(x) / tau_k (the target at
+        tau_k times its temperature), L_KL = mean_k E[u(F(z)) / tau_k - log|det dF/dz|], the mean of
+        the reverse KLs at each temperature up to constants (Noe et al., Science 2019: one flow
+        for several temperatures). Without it, K = 1 and tau_1 = 1."""
+        taus = self.kl_temperatures or [1.0]
+        sizes = [n // len(taus) + (1 if k < n % len(taus) else 0) for k in range(len(taus))]
+        losses, groups, energies, n_bad = [], [], [], 0
+        for tau, m in zip(taus, sizes):
+            z = bg.prior.sample(m, generator=bg.latent_generator)
+            if tau != 1.0:
+                z = z * math.sqrt(tau)
+            x, logdet = bg.flow(z)
+            u = bg.energy(x) if tau == 1.0 else bg.energy(x) / tau
+            u_cut, bad = linlog_cut(u, energy_cut_high, self.energy_max)
+            losses.append((u_cut - logdet).mean())
+            groups.append(x)
+            energies.append(u.detach())
+            n_bad += bad
+        u_all = torch.cat(energies)
+        finite = u_all[torch.isfinite(u_all)]
         stats = {
             "kl/nonfinite_energies": float(n_bad),
             "kl/energy_median": float(finite.median()) if finite.numel() else float("nan"),
         }
-        return (u_cut - logdet).mean(), x, stats
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        return loss, groups, stats
+
+    def rc_of_groups(self, bg: "BoltzmannGenerator", groups: list[Tensor]) -> tuple[Tensor, str]:
+        """The RC loss averaged over the KL temperatures (a histogram per temperature)."""
+        terms = [self.rc_term(bg, x) for x in groups]
+        value = terms[0][0] if len(terms) == 1 else torch.stack([t for t, _ in terms]).mean()
+        return value, terms[0][1]
 
     def kl(self, bg: "BoltzmannGenerator", n: int) -> tuple[Tensor, dict[str, float]]:
         """L_KL + rc_weight * L_RC (the unstaged schedule; the RC term rides on the KL weight)."""
-        loss, x, stats = self.reverse_kl(bg, n, self.energy_cut_high)
+        loss, groups, stats = self.reverse_kl(bg, n, self.energy_cut_high)
         if self.rc_weight > 0:
-            rc, name = self.rc_term(bg, x)
+            rc, name = self.rc_of_groups(bg, groups)
             stats[name] = float(rc.detach())
             loss = loss + self.rc_weight * rc
         return loss, stats
@@ -373,12 +411,12 @@ class JointLoss:
         loss = self._data_terms(bg, x, forces, stage.nll, metrics,
                                 f"stage {index} of loss.stages has nll={stage.nll} but no data was given")
         if stage.kl > 0:
-            kl, samples, stats = self.reverse_kl(bg, self.kl_batch_size, stage.energy_cut)
+            kl, groups, stats = self.reverse_kl(bg, self.kl_batch_size, stage.energy_cut)
             loss = loss + stage.kl * kl
             metrics["kl"] = float(kl.detach())
             metrics.update(stats)
             if stage.rc > 0:
-                rc, name = self.rc_term(bg, samples)
+                rc, name = self.rc_of_groups(bg, groups)
                 loss = loss + stage.rc * rc
                 metrics[name] = float(rc.detach())
         return loss, metrics

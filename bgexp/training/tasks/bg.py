@@ -38,6 +38,7 @@ from bgexp.training.callbacks import EvaluationCallback, log_figures
 from bgexp.training.errors import ConfigError
 from bgexp.training.module import BoltzmannGenerator
 from bgexp.training.tasks import FitContext, Task, training_block
+from bgexp.training.tasks.temperatures import evaluate_at_temperatures
 
 
 class BoltzmannGeneratorTask(Task):
@@ -69,6 +70,9 @@ class BoltzmannGeneratorTask(Task):
             model.n_energy_evals_train = max(model.n_energy_evals_train, int(float(synced)))
         evaluation = final_evaluation(cfg, model, datamodule.x_val, fit.run_dir, forces=datamodule.f_val)
         refined = refine_by_smc(cfg, model, evaluation, fit.run_dir / "figures", data=datamodule.x_train)
+        temperatures = evaluate_at_temperatures(cfg, model, fit.run_dir / "figures")
+        if temperatures:
+            refined["temperatures"] = temperatures
         checkpoint_dir = fit.run_dir / "checkpoints"
         files: dict[str, Any] = {"checkpoint": str(checkpoint_dir / "last.ckpt"), "data": datamodule.source}
         if cfg.get("save_samples", True):
