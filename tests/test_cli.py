@@ -61,6 +61,7 @@ def test_eval_and_sample_reuse_the_checkpoint(tiny_run):
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = np.load(out)
     assert data["x"].shape == (123, 76)
+    assert "sampling" in proc.stderr and "123/123" in proc.stderr  # the progress bar
     np.testing.assert_allclose(data["log_w"], -data["energy"] - data["log_q"], rtol=1e-10)
 
     # a name without .npz: the file written is the one printed

@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from bgexp.estimators import log_weights
 from bgexp.flows.base import ContinuousFlow
@@ -128,18 +129,21 @@ class SampleSet:
 @torch.no_grad()
 def draw_samples(
     bg: GeneratorModel, n: int, batch_size: int, generator: torch.Generator,
-    stats: dict[str, float] | None = None,
+    stats: dict[str, float] | None = None, progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """n samples with log q and reduced energies, in batches; energies count as evaluation.
+    """n samples with log q and reduced energies, in batches (a progress bar with `progress`);
+    energies count as evaluation.
 
     If `stats` is a dict, it receives `sampling_s_per_1000` and, for continuous flows
     (`ContinuousFlow`: `nfe` after each solve), `nfe_per_sample`."""
     xs, log_qs, us = [], [], []
     nfe_total, counts_nfe = 0.0, isinstance(bg.flow, ContinuousFlow)
     start_time = time.perf_counter()
-    with bg.counting_evaluation():
+    bar = tqdm(total=n, unit="sample", desc="sampling", disable=not progress)
+    with bg.counting_evaluation(), bar:
         for start in range(0, n, batch_size):
             x, log_q = bg.sample(min(batch_size, n - start), generator=generator)
+            bar.update(x.shape[0])
             if counts_nfe:
                 nfe_total += float(bg.flow.nfe) * x.shape[0]
             xs.append(x)

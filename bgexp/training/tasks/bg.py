@@ -16,8 +16,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bgexp.atomic import atomic_write
-from bgexp.estimators import ess, log_weights
+from bgexp.estimators import ess
 from bgexp.evaluation import Evaluation, draw_samples, evaluate
+from bgexp.evaluation.samples import canonical_region, importance_log_weights
 from bgexp.evaluation.refinement import SMCSettings, smc_block, smc_figures
 from bgexp.targets.base import MolecularTarget
 from bgexp.training.artifacts import (
@@ -111,14 +112,16 @@ class BoltzmannGeneratorTask(Task):
             model.target.close()
 
     def sample_run(self, run_dir: Path, settings: DictConfig) -> Path:
-        """N flow samples with log q, reduced energies and log-weights log w = -u - log q as .npz."""
+        """N flow samples with log q, reduced energies and log-weights log w = -u - log q as .npz
+        (weight zero outside the canonical region of relabelled particles), with a progress bar."""
         _, model, _ = load_run(run_dir, settings.checkpoint)
         try:
             generator = torch.Generator().manual_seed(int(settings.seed))
-            x, log_q, u = draw_samples(model, int(settings.n_samples), int(settings.batch_size), generator)
+            x, log_q, u = draw_samples(model, int(settings.n_samples), int(settings.batch_size), generator,
+                                       progress=bool(settings.get("progress", True)))
+            log_w = importance_log_weights(u, log_q, canonical_region(model.target, x))
         finally:
             model.target.close()
-        log_w = log_weights(u, log_q)
         out = Path(settings.out) if settings.get("out") else Path(run_dir) / f"samples-{time.strftime('%Y%m%d-%H%M%S')}.npz"
         if out.suffix != ".npz":  # the printed path is the file's (np.savez would append .npz silently)
             out = out.with_name(out.name + ".npz")
