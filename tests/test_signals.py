@@ -28,8 +28,11 @@ LONG = [*TINY, "trainer.max_epochs=200", "evaluation.every_n_epochs=1000", "loss
 def _start(args: list[str], tmp: Path) -> subprocess.Popen:
     env = cli_env(tmp)
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.Popen([console_script("bgexp-train"), *args], cwd=tmp, env=env, stdout=subprocess.PIPE,
+    log = open(tmp / "train.out", "w")  # a file, not a pipe: a full pipe would block the run
+    proc = subprocess.Popen([console_script("bgexp-train"), *args], cwd=tmp, env=env, stdout=log,
                             stderr=subprocess.STDOUT, text=True)
+    proc.output, proc.log = tmp / "train.out", log
+    return proc
 
 
 def _signal_after_first_checkpoint(proc: subprocess.Popen, pattern: str, root: Path, signum=signal.SIGTERM,
@@ -44,15 +47,17 @@ def _signal_after_first_checkpoint(proc: subprocess.Popen, pattern: str, root: P
                 proc.wait(timeout=120)
                 return found[0]
             time.sleep(0.1)
-        raise AssertionError(f"no {pattern} under {root} appeared (exit {proc.poll()}):\n{proc.communicate()[0][-3000:]}")
+        raise AssertionError(f"no {pattern} under {root} appeared (exit {proc.poll()}):\n"
+                             f"{proc.output.read_text()[-3000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.log.close()
 
 
 def _check_terminated(run_dir: Path, proc: subprocess.Popen, signal_name: str = "SIGTERM") -> dict:
-    out = proc.stdout.read()
+    out = proc.output.read_text()
     failed = json.loads((run_dir / "failed.json").read_text())
     assert failed["reason"] == "terminated" and failed["signal"] == signal_name, failed
     assert failed["resume"] == f"bgexp-train resume={run_dir}"
