@@ -187,3 +187,15 @@ def test_dimer_cache_old_format_or_damaged_is_regenerated(tmp_path, caplog, dama
         regenerated = _dimer_data(tmp_path, TINY_MC).load_all()
     assert expected in caplog.text and "regenerating" in caplog.text
     np.testing.assert_array_equal(regenerated, x)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("dtype", [np.int64, np.bool_])
+def test_integer_or_boolean_data_are_named_errors(tmp_path, dtype):
+    """Rounded (integer) or boolean coordinates: a DataError naming the file and the dtype, before training."""
+    from bgexp.training.data import DataError, load_npz
+
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=np.ones((10, 76), dtype=dtype))
+    with pytest.raises(DataError, match=f"bad.npz.*{np.dtype(dtype).name}"):
+        load_npz(path, 76)

@@ -108,6 +108,10 @@ def load_npz(path: Path, dim: int) -> dict[str, np.ndarray]:
         raise DataError(f"data file {path}: 'x' has shape {x.shape}, the target expects [n, {dim}]")
     if x.shape[0] == 0:
         raise DataError(f"data file {path} holds no samples")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"data file {path}: 'x' holds {x.dtype} values; configurations are floating-point "
+                        f"coordinates (rounded or boolean data would train a flow on a lattice of points): "
+                        f"save the coordinates as float32 or float64")
     n_bad = int((~np.isfinite(x)).any(axis=1).sum())
     if n_bad:
         raise DataError(f"data file {path}: {n_bad} samples contain NaN or infinite coordinates")
