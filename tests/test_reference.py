@@ -64,3 +64,19 @@ def test_reference_script_runs_end_to_end(tmp_path):
     assert df["ci_low"] <= df["value"] <= df["ci_high"]
     assert len(entry["profiles"]["dimer_distance"]["f"]) == 40
     assert "reference_dimer.py" in data["command"]
+
+
+@pytest.mark.bad_input
+def test_ala2_reference_is_keyed_by_temperature_and_force_field():
+    """A modified ALA2 (another temperature or force field) has no reference instead of the 300 K one."""
+    from types import SimpleNamespace
+
+    from bgexp.targets.peptides import DEFAULT_FORCEFIELD, AlanineDipeptide
+
+    standard = AlanineDipeptide._load_reference(SimpleNamespace(temperature=300.0, forcefield=list(DEFAULT_FORCEFIELD)))
+    if standard is None:
+        pytest.skip("no ALA2 reference shipped")
+    assert standard.delta_f["C7eq->C7ax"].value == pytest.approx(4.04, abs=0.1)
+    for temperature, forcefield in [(310.0, DEFAULT_FORCEFIELD), (300.0, ["amber14-all.xml"])]:
+        other = SimpleNamespace(temperature=temperature, forcefield=list(forcefield))
+        assert AlanineDipeptide._load_reference(other) is None
