@@ -48,8 +48,9 @@ a schema needs neither the command line nor a second composition, so the same ch
 sweep member (whose overrides come from the sweeper), a resumed run (a stored, resolved config
 merged with new overrides), an experiment file that misspells a key and a config built in Python;
 and it checks values, which a key comparison cannot. The schema is declared where the values are
-consumed, so it cannot drift from the code: the plain sections here (evaluation, paths, tfep, the
-top level), the signatures of the consumers for data (TargetDataModule), data.generate
+consumed, so it cannot drift from the code: the keys conf/config.yaml and conf/eval.yaml declare
+(top level and `evaluation`, with the ranges declared here), the `paths` and `tfep` sections here,
+the signatures of the consumers for data (TargetDataModule), data.generate
 (sample_states), data.md and tfep.data_*.md (MDSettings) and smc (SMCSettings), the signature of
 the named callable for every `_target_` node, and for `flow` the keys that the files of conf/flow
 declare (a new flow file that adds a top-level key for its interpolations extends it).
@@ -271,8 +272,9 @@ class TargetNode:
     (module docstring), values by parameter name (`rules`)."""
 
     def __init__(self, rules: Mapping[str, Check] | None = None, extra: tuple[str, ...] = (), nullable: bool = False,
-                 empty_ok: bool = False):
+                 empty_ok: bool = False, passed: tuple[str, ...] = ()):
         self.rules, self.extra, self.nullable, self.empty_ok = dict(rules or {}), extra, nullable, empty_ok
+        self.passed = passed  # keywords the builder passes at build time (callbacks: run_dir)
 
     def check(self, value: Any, key: str, problems: _Problems) -> None:
         if value is None and self.nullable or (value == {} and self.empty_ok):
@@ -281,6 +283,9 @@ class TargetNode:
             problems.add(key, value, "must be a mapping with a `_target_`" + (" or null" if self.nullable else ""))
             return
         params = _parameters(value["_target_"], _join(key, "_target_"), problems)
+        for name in self.passed:
+            if params is not None and name not in params:
+                problems.add(_join(key, "_target_"), value["_target_"], f"must accept `{name}` (bgexp passes it)")
         for name, sub in value.items():
             path = _join(key, name)
             if name in HYDRA_KEYS or name in self.extra:
@@ -348,14 +353,32 @@ def _md_settings() -> Section:
     return Section({f.name: rules.get(f.name, anything) for f in dataclass_fields(MDSettings)})
 
 
+class _SMC(Section):
+    """The smc block: the fields of SMCSettings with their types and the ranges SMCSettings does not
+    check itself; then SMCSettings(**block), whose own checks (n_particles, n_replicates, kernel,
+    confidence, baselines, max_draw_factor) give their own messages."""
+
+    def check(self, value: Any, key: str, problems: _Problems) -> None:
+        from bgexp.evaluation.refinement import SMCSettings
+
+        before = len(problems)
+        super().check(value, key, problems)
+        if value is None or len(problems) > before or any(v is UNRESOLVED for v in value.values()):
+            return
+        try:
+            SMCSettings(**value)
+        except Exception as err:  # noqa: BLE001 (SamplerSettingError and friends: their message names the key)
+            problems.append(f"smc: {err}")
+
+
 def _smc_settings() -> Section:
     from bgexp.evaluation.refinement import SMCSettings
 
-    rules = {"n_particles": integer(2), "n_replicates": integer(2), "kernel": text(), "step_size": number(0),
+    rules = {"n_particles": integer(), "n_replicates": integer(), "kernel": text(), "step_size": number(0),
              "n_steps_per_level": integer(1), "cess_target": number(0, 1), "resample_threshold": number(0, 1, False, False),
-             "max_energy_evals": integer(1, none=True), "per_state": boolean(none=True), "max_draw_factor": integer(1),
-             "confidence": number(0, 1), "batch_size": integer(1), "progress": boolean()}
-    return Section({f.name: rules.get(f.name, anything) for f in dataclass_fields(SMCSettings)}, nullable=True)
+             "max_energy_evals": integer(1, none=True), "per_state": boolean(none=True), "max_draw_factor": integer(),
+             "confidence": number(), "batch_size": integer(1), "progress": boolean()}
+    return _SMC({f.name: rules.get(f.name, anything) for f in dataclass_fields(SMCSettings)}, nullable=True)
 
 
 class _Generate:
@@ -414,10 +437,12 @@ FLOW_RULES: dict[str, Check] = {
     "min_slope": number(0, 1), "atol": number(0), "rtol": number(0), "temperature": number(0),
 }
 TARGET_RULES: dict[str, Check] = {"temperature": number(0), "temperature_kelvin": number(0),
-                                  "n_workers": integer(1, none=True), "n_particles": integer(2)}
+                                  "n_workers": integer(0, none=True), "n_particles": integer(2)}
 LOSS_RULES: dict[str, Check] = {
-    **{n: number(0, lo_open=False) for n in ("alpha", "beta", "rc_weight", "force_weight", "sigma")},
-    **{n: integer(0) for n in ("nll_warmup_steps", "kl_ramp_steps")},
+    # null: the schedule's default, or set by loss.stages (bgexp/training/losses.py)
+    **{n: number(0, lo_open=False, none=True) for n in ("alpha", "beta", "rc_weight")},
+    **{n: number(0, lo_open=False) for n in ("force_weight", "sigma")},
+    **{n: integer(0, none=True) for n in ("nll_warmup_steps", "kl_ramp_steps")},
     "kl_batch_size": integer(1), "rc_bins": integer(2), "alignment_iterations": integer(1),
     "energy_max": number(0),
 }
@@ -472,7 +497,7 @@ def train_schema() -> Section:
         "loss": TargetNode(LOSS_RULES), "trainer": TargetNode(TRAINER_RULES),
         "logger": TargetNode(nullable=True, empty_ok=True),
         "paths": Section({"output_dir": text(), "data_dir": text()}),
-        "callbacks": MapOf(TargetNode(nullable=True)), "smc": _smc_settings(), "tfep": _tfep(),
+        "callbacks": MapOf(TargetNode(nullable=True, passed=("run_dir",))), "smc": _smc_settings(), "tfep": _tfep(),
         "experiment_name": text(), "seed": integer(), "tags": anything, "optim": TargetNode(OPTIM_RULES),
         "scheduler": TargetNode(nullable=True), "max_consecutive_nonfinite": integer(1), "evaluation": evaluation,
         "optimized_metric": text(), "save_samples": boolean(), "ckpt_path": text(none=True),
