@@ -18,12 +18,13 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bgexp.atomic import atomic_write, write_json_atomic
+from bgexp.atomic import write_json_atomic
 from bgexp.training.artifacts import ConfigInCheckpoint, read_checkpoint
 from bgexp.training.assemble import build_callbacks, build_logger, build_target
 from bgexp.training.callbacks import run_guards
 from bgexp.training.launch import check_parallel_launch, is_multirun
-from bgexp.training.resume import RESOLVED_CONFIG, AtomicCheckpointIO, resumed_config
+from bgexp.training.resume import (AtomicCheckpointIO, absolute_config, check_checkpoint_fits, check_output_dir,
+                                   record_resume, resumed_config, write_run_config)
 from bgexp.training.tasks import FitContext, Task, build_task
 from bgexp.training.validation import validate_config
 
@@ -46,22 +47,33 @@ def _task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def _config_groups() -> list[str]:
+    """The config groups of this job (task, target, flow, loss, experiment, ...; empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [g for g in HydraConfig.get().runtime.choices if not str(g).startswith("hydra/")]
+
+
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate the experiment of `cfg` in its run folder; the content of results.json
     (empty on ranks other than zero)."""
     check_parallel_launch(OmegaConf.to_container(cfg.trainer, resolve=True), is_multirun())
     start = time.time()
-    cfg = resumed_config(cfg, _task_overrides())  # resume=<run folder>: that run's config and last.ckpt
+    check_output_dir(cfg)  # an empty (BGEXP_OUTPUT_DIR=) or unusable output folder fails before any work
+    # resume=<run folder>: that run's config and last.ckpt (experiment=, ckpt_path=, group choices refused)
+    cfg = resumed_config(cfg, _task_overrides(), _config_groups())
     validate_config(cfg, mode="train")  # every config-value error before any data, MD or training (< 5 s)
+    cfg = absolute_config(cfg)  # resolved; stored paths hold from any working directory
     task = build_task(cfg)
     if cfg.get("ckpt_path"):
         read_checkpoint(cfg.ckpt_path, cfg)  # a foreign, corrupt or crafted file fails before any work
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("hydra", None)
-    atomic_write(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    if not cfg.get("resume"):
+        write_run_config(run_dir, cfg)  # once, by the fresh run; a resume records itself once checked (_fit)
     target = build_target(cfg)
     try:  # an OpenMM target owns worker processes: closed however training ends (errors, Ctrl-C)
         return _fit(cfg, task, target, run_dir, start)
@@ -71,6 +83,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
 
 def _fit(cfg: DictConfig, task: Task, target, run_dir: Path, start: float) -> dict[str, Any]:
     module, datamodule = task.build(cfg, target)
+    _check_resume(cfg, module, run_dir)
     logger = build_logger(cfg, run_dir)
     callbacks = [*build_callbacks(cfg, run_dir), ConfigInCheckpoint(cfg), *task.callbacks(cfg, run_dir),
                  *run_guards(cfg, run_dir)]  # divergence guard, signals (bgexp.training.signals)
@@ -86,6 +99,15 @@ def _fit(cfg: DictConfig, task: Task, target, run_dir: Path, start: float) -> di
         return results
     finally:
         _finish_wandb(logger, exit_code)
+
+
+def _check_resume(cfg: DictConfig, module, run_dir: Path) -> None:
+    """The checkpoint loads into the module built from this config; a resume, so checked
+    completely, then writes its own record beside the run's original config (resumes/<stamp>/)."""
+    if cfg.get("ckpt_path"):
+        check_checkpoint_fits(module, cfg.ckpt_path)
+    if cfg.get("resume"):
+        record_resume(run_dir, cfg, _task_overrides())
 
 
 def _finish_wandb(logger, exit_code: int) -> None:
