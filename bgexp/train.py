@@ -5,7 +5,9 @@ results.json. In a multirun (`-m`), a member that fails writes `failed.json` (th
 traceback) into its run folder and lets the other members finish: it returns NaN to the basic,
 joblib and submitit launchers, and raises under the Optuna sweeper, which records the trial as
 FAIL (optuna 2.x refuses NaN values). `bgexp-summarize` lists it as failed. A single run that
-fails exits with the error.
+fails exits with the error. A config error that involves none of the keys the sweep varies (a bad
+`optimized_metric`, a typo in a fixed key) stops the sweep at its first member: every member
+would fail alike.
 
 A run that diverges (bgexp.training.callbacks.DivergenceGuard) ends with `TrainingDivergedError`
 and writes `failed.json` with reason "diverged", also as a single run; in a sweep the other
@@ -32,6 +34,7 @@ of the job (SLURM does; `kill -TERM -<process group>`), since the members run in
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -53,6 +56,34 @@ def main(cfg: DictConfig) -> float | None:
 
     with terminating_on_signals():
         return _main(cfg)
+
+
+def swept_keys(argv: list[str] | None = None) -> set[str]:
+    """The config keys a sweep varies: the command line's sweep overrides (`a=1,2`, `range()`,
+    `choice()`, ...) and the Optuna sweeper's `params`."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    keys: set[str] = set()
+    try:
+        keys.update(o.key_or_group for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override())
+    except Exception:  # noqa: BLE001 - unparsable arguments: Hydra itself reported them
+        pass
+    if HydraConfig.initialized():
+        keys.update(str(k) for k in (HydraConfig.get().sweeper.get("params") or {}))
+    return {k.lstrip("+~") for k in keys}
+
+
+def _fails_alike(err: BaseException) -> bool:
+    """A config error that involves no key the sweep varies: every member would fail alike, so the
+    sweep stops at its first member instead of failing each one (e.g. a bad optimized_metric)."""
+    from bgexp.training.validation import InvalidConfigError
+
+    if not isinstance(err, InvalidConfigError):
+        return False
+    swept = swept_keys()
+    return not any(k == s or k.startswith(s + ".") or s.startswith(k + ".") for k in err.keys() for s in swept)
 
 
 def _main(cfg: DictConfig) -> float | None:
@@ -80,7 +111,7 @@ def _main(cfg: DictConfig) -> float | None:
         if diverged:
             path = write_failure(cfg, err, reason="diverged")
             log.error("the run diverged; details in %s", path)
-        if not is_multirun() or isinstance(err, UnsupportedLaunchError):
+        if not is_multirun() or isinstance(err, UnsupportedLaunchError) or _fails_alike(err):
             raise  # a single run, or a sweep that cannot work at all (every member would fail alike)
         if not diverged:
             path = write_failure(cfg, err)

@@ -177,3 +177,31 @@ def test_bgexp_eval_refuses_bad_settings_before_loading_the_run(tmp_path):
     assert proc.returncode != 0
     assert "ConfigError" in proc.stderr and "confidence=1.5" in proc.stderr, proc.stderr[-3000:]
     assert "not a bgexp run folder" not in proc.stderr  # refused before the (missing) run was looked at
+
+
+def test_swept_keys_from_the_command_line():
+    from bgexp.train import swept_keys
+
+    assert swept_keys(["-m", "seed=0,1", "optim.lr=1e-3", "flow=realnvp,realnvp_pca",
+                       "+loss.rc_weight=range(1,3)"]) == {"seed", "flow", "loss.rc_weight"}
+
+
+@pytest.mark.bad_input
+def test_a_config_error_outside_the_swept_keys_stops_the_sweep(tmp_path, monkeypatch):
+    """optimized_metric=bogus in a sweep over seeds: the first member fails and the sweep stops
+    (every member would fail alike), instead of failing each member after its own start-up."""
+    import sys
+
+    from bgexp.train import _fails_alike
+    from bgexp.training.validation import InvalidConfigError
+
+    err = InvalidConfigError("x", problems=["optimized_metric='bogus': is not a path ..."])
+    monkeypatch.setattr(sys, "argv", ["bgexp-train", "-m", "seed=0,1"])
+    assert _fails_alike(err)
+    monkeypatch.setattr(sys, "argv", ["bgexp-train", "-m", "optimized_metric=ess,bogus"])
+    assert not _fails_alike(err)  # the sweep varies it: the other members may work
+    proc = run_cli("bgexp-train", ["-m", "seed=0,1", "optimized_metric=bogus", "logger=none"], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "optimized_metric" in proc.stderr + proc.stdout
+    members = list((tmp_path / "outputs" / "multiruns").rglob("failed.json"))
+    assert len(members) <= 1  # at most the first member, never the second

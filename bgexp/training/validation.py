@@ -61,6 +61,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -610,6 +611,19 @@ def check_flow_fits_target(cfg: DictConfig, problems: _Problems) -> None:
 
 
 # the entry point ----------------------------------------------------------------------------------
+class InvalidConfigError(ConfigError):
+    """What `validate_config` raises: every problem found, one "key=value: what is allowed" line each
+    (`problems`), so that a sweep can tell whether the keys it varies are involved."""
+
+    def __init__(self, message: str, problems: list[str]):
+        super().__init__(message)
+        self.problems = problems
+
+    def keys(self) -> list[str]:
+        """The config keys named by the problems (the text before `=` or `:`)."""
+        return [re.split(r"[=:\s]", problem, maxsplit=1)[0] for problem in self.problems]
+
+
 def validate_config(cfg: DictConfig | Mapping[str, Any], *, mode: str = "train") -> None:
     """Raise ConfigError listing every problem of `cfg` (module docstring); `mode`: "train" for
     bgexp-train's config, "eval" for bgexp-eval's and bgexp-sample's."""
@@ -629,8 +643,8 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], *, mode: str = "train")
         where = "bgexp-train" if mode == "train" else "bgexp-eval"
         head = f"invalid configuration for {where} ({len(problems)} problem{'s' if len(problems) > 1 else ''}; " \
                f"nothing was run):"
-        raise ConfigError(head + "\n  " + "\n  ".join(problems))
+        raise InvalidConfigError(head + "\n  " + "\n  ".join(problems), problems=list(problems))
 
 
-__all__ = ["validate_config", "check_optimized_metric", "check_flow_fits_target", "train_schema", "eval_schema",
+__all__ = ["validate_config", "InvalidConfigError", "check_optimized_metric", "check_flow_fits_target", "train_schema", "eval_schema",
            "UNRESOLVED", "MISSING"]
