@@ -134,7 +134,22 @@ def build_logger(cfg: DictConfig, run_dir: Path | None = None):
         return False
     if run_dir is not None and str(node["_target_"]).endswith("WandbLogger"):
         return instantiate(node, id=wandb_run_id(run_dir), resume="allow", **_sweep_labels(node), where="logger")
+    if str(node["_target_"]).endswith("CSVLogger"):
+        return instantiate(node, **_csv_version(node), where="logger")
     return instantiate(node, where="logger")
+
+
+def _csv_version(node: DictConfig) -> dict[str, Any]:
+    """A resumed run's CSV log goes into a new version folder (<save_dir>/<name>/resumed-<k>/):
+    Lightning's CSVLogger would otherwise replace the metrics.csv of the earlier part of the run."""
+    folder = Path(str(node.get("save_dir", "."))) / str(node.get("name") or "lightning_logs")
+    version = node.get("version")
+    if version is None or not (folder / str(version) / "metrics.csv").is_file():
+        return {}
+    k = 1
+    while (folder / str(version) / f"resumed-{k}").exists():
+        k += 1
+    return {"version": str(Path(str(version)) / f"resumed-{k}") if str(version) else f"resumed-{k}"}
 
 
 def _sweep_labels(node: DictConfig) -> dict[str, Any]:

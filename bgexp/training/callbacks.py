@@ -81,7 +81,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def __init__(self, run_dir: str | Path, filename: str, monitor: str | None = None, mode: str = "min"):
         super().__init__(dirpath=Path(run_dir) / "checkpoints", filename=filename, monitor=monitor, mode=mode,
-                         save_top_k=1, every_n_epochs=None if monitor else 1)
+                         save_top_k=1, every_n_epochs=None if monitor else 1,
+                         enable_version_counter=False)  # a resumed copy of a run overwrites its last.ckpt
 
 
 class StepTimer(pl.Callback):
