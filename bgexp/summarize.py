@@ -1,7 +1,8 @@
 """`bgexp-summarize <folder>`: gather the results.json files of a sweep into a table and plots.
 
-Every run folder below <folder> that holds a `config.yaml` (written by bgexp-train) is one row;
-a run without `results.json` is reported as failed, one whose results.json breaks the results schema
+Every run folder below <folder> that holds a `config.yaml` (written by bgexp-train) or a
+`failed.json` (a member refused before it wrote its config) is one row; a run without
+`results.json` is reported as failed, one whose results.json breaks the results schema
 (bgexp/training/artifacts.py) as damaged. The columns are the config keys whose values
 differ between runs (the swept hyperparameters, dotted names), the seed, and the metrics: ESS,
 every Delta F with its confidence interval and error against the reference, held-out NLL,
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bgexp.training.artifacts import RESULTS_FILE, read_results
+from bgexp.training.artifacts import FAILURE_FILE, RESULTS_FILE, read_results
 from bgexp.training.errors import ResultsError
 
 IGNORED_KEYS = ("hydra", "paths", "logger", "seed", "experiment_name", "tags")
@@ -44,11 +45,13 @@ def load_runs(folder: Path) -> list[dict[str, Any]]:
     import yaml
 
     runs = []
-    for config_path in sorted(folder.rglob("config.yaml")):
-        run_dir = config_path.parent
-        if run_dir.name == ".hydra":
-            continue
-        config = flatten(yaml.safe_load(config_path.read_text()) or {})
+    folders = {p.parent for p in folder.rglob("config.yaml") if p.parent.name != ".hydra"}
+    folders |= {p.parent for p in folder.rglob(FAILURE_FILE)}  # failed before its config.yaml (a bad value)
+    for run_dir in sorted(folders):
+        config_path = run_dir / "config.yaml"
+        if not config_path.is_file():  # Hydra's copy of the composed config
+            config_path = run_dir / ".hydra" / "config.yaml"
+        config = flatten(yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
         results_path = run_dir / RESULTS_FILE
         results, problem = None, "failed (no results.json)"
         if results_path.is_file():

@@ -48,6 +48,7 @@ MODEL_KEYS = ("target", "flow")
 UNHASHED_KEYS = ("hydra", "paths", "ckpt_path", "logger", "resume", "optimized_metric")
 OPTIONAL_BLOCKS = ("metrics", "training", "tfep", "smc", "evaluated_from", "n_nonfinite_energies", "temperatures")
 RESULTS_FILE = "results.json"
+FAILURE_FILE = "failed.json"  # a run that failed or was stopped: the error, its traceback, the reason
 
 
 def config_hash(cfg: DictConfig) -> str:

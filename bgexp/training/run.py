@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bgexp.atomic import write_json_atomic
-from bgexp.training.artifacts import ConfigInCheckpoint, read_checkpoint
+from bgexp.training.artifacts import FAILURE_FILE, ConfigInCheckpoint, read_checkpoint
 from bgexp.training.assemble import build_callbacks, build_logger, build_target
 from bgexp.training.callbacks import run_guards
 from bgexp.training.launch import check_parallel_launch, is_multirun
@@ -28,7 +28,6 @@ from bgexp.training.resume import (AtomicCheckpointIO, absolute_config, check_ch
 from bgexp.training.tasks import FitContext, Task, build_task
 from bgexp.training.validation import validate_config
 
-FAILURE_FILE = "failed.json"
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
