@@ -406,7 +406,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Run:
         >>> run = bgexp.train(bgexp.compose("dimer_realnvp", ["trainer.max_epochs=2"]))  # doctest: +SKIP
         >>> run.results.ess                                               # doctest: +SKIP
     """
-    from bgexp.training.resume import RESOLVED_CONFIG
+    from bgexp.training.resume import RESOLVED_CONFIG, check_output_dir
     from bgexp.training.run import run_experiment
 
     if not isinstance(cfg, DictConfig):
@@ -417,9 +417,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Run:
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # a copy, interpolations kept
     with _open(cfg):
         cfg.pop("hydra", None)
+        check_output_dir(cfg)  # empty (BGEXP_OUTPUT_DIR=''), a file or not writable: OutputDirError
         paths = cfg.paths
-        if not str(paths.output_dir).strip():
-            raise ConfigError("paths.output_dir is empty (BGEXP_OUTPUT_DIR set to ''?): give a folder for runs and data")
         data_dir = Path(str(paths.data_dir)).expanduser().resolve()
         if run_dir is None:
             stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")

@@ -5,6 +5,8 @@ For a Boltzmann-generator run the .npz holds x [N, dim], log_q (flow log-density
 Tasks without a model to sample from (targeted FEP) refuse with UnsupportedOperationError.
 
 Checked before any work (no model is built, no sample drawn):
+- the settings of conf/eval.yaml, as bgexp-eval checks them (`validate_config(cfg, mode="eval")`:
+  ranges such as 0 < confidence < 1, unknown keys also when added with `+`), before the run is loaded;
 - `n_samples` and `batch_size` are positive integers (`1e5` is accepted as 100000; `2.5`, `0`,
   `-3`, `true` or text are a ConfigError);
 - the samples fit: the memory needed is estimated as n_samples x (dim + 3) x 8 bytes x 2 (x and
@@ -127,21 +129,25 @@ def _target_dim(run_cfg: DictConfig) -> int:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from bgexp.training.assemble import load_run_config
-    from bgexp.training.tasks import Task, build_task
+    from bgexp.training.validation import validate_config
 
     n = positive_int(cfg.n_samples, "n_samples")
     batch_size = positive_int(cfg.batch_size, "batch_size")
     max_bytes = cfg.get("max_bytes")
     if max_bytes is not None:
         max_bytes = positive_int(max_bytes, "max_bytes")
+    cfg.n_samples, cfg.batch_size = n, batch_size  # 1e5 read as 100000.0: the count it stands for
+    validate_config(cfg, mode="eval")  # the other settings (confidence, seed, unknown keys), before the run is loaded
+
+    from bgexp.training.assemble import load_run_config
+    from bgexp.training.tasks import Task, build_task
+
     out_dir = Path(cfg.out).parent if cfg.get("out") else Path(cfg.run_dir)
     check_size(n, 1, max_bytes, dim_known=False)  # before anything is built: no target has dim < 1
     run_cfg = load_run_config(cfg.run_dir)
     task = build_task(run_cfg)
     if type(task).sample_run is not Task.sample_run:  # the task can sample (the base class refuses)
         check_size(n, _target_dim(run_cfg), max_bytes, out_dir)
-    cfg.n_samples, cfg.batch_size = n, batch_size
     task.sample_run(Path(cfg.run_dir), cfg)
 
 

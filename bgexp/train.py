@@ -7,7 +7,12 @@ joblib and submitit launchers, and raises under the Optuna sweeper, which record
 FAIL (optuna 2.x refuses NaN values). `bgexp-summarize` lists it as failed. A single run that
 fails exits with the error. A config error that involves none of the keys the sweep varies (a bad
 `optimized_metric`, a typo in a fixed key) stops the sweep at its first member: every member
-would fail alike.
+would fail alike; so does a ResumeError (`-m resume=<run>`: resume each member on its own).
+
+The config's values, ranges, unknown keys and optimized_metric are checked first, before Lightning,
+torch and the flows are imported (the import-free pass of validate_config: about a second for
+the whole command instead of the seconds those imports take); the rest of the check follows in
+run_experiment.
 
 A run that diverges (bgexp.training.callbacks.DivergenceGuard) ends with `TrainingDivergedError`
 and writes `failed.json` with reason "diverged", also as a single run; in a sweep the other
@@ -52,10 +57,25 @@ def _is_optuna() -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    try:
+        _check_values_first(cfg)
+    except Exception as err:  # noqa: BLE001 (handled as a failure of the run in _failed)
+        return _failed(cfg, err)
     from bgexp.training.signals import terminating_on_signals
 
     with terminating_on_signals():
         return _main(cfg)
+
+
+def _check_values_first(cfg: DictConfig) -> None:
+    """The import-free pass of validate_config, before Lightning, torch and the flows are imported
+    (seconds): a bad value, range, unknown key or optimized_metric is reported in well under a
+    second. A resumed run is checked after its stored config is merged (run_experiment)."""
+    if cfg.get("resume"):
+        return
+    from bgexp.training.validation import validate_config
+
+    validate_config(cfg, mode="train", quick=True)
 
 
 def swept_keys(argv: list[str] | None = None) -> set[str]:
@@ -86,10 +106,35 @@ def _fails_alike(err: BaseException) -> bool:
     return not any(k == s or k.startswith(s + ".") or s.startswith(k + ".") for k in err.keys() for s in swept)
 
 
-def _main(cfg: DictConfig) -> float | None:
-    from bgexp.training.artifacts import objective
+def _failed(cfg: DictConfig, err: Exception) -> float:
+    """A run that failed with `err`: raised (a single run, or a sweep that cannot work at all), or
+    recorded in failed.json while the sweep goes on (module docstring)."""
     from bgexp.training.errors import TrainingDivergedError
     from bgexp.training.launch import UnsupportedLaunchError, is_multirun
+    from bgexp.training.resume import ResumeError
+
+    diverged = isinstance(err, TrainingDivergedError)
+    path = None
+    if diverged:
+        from bgexp.training.run import write_failure
+
+        path = write_failure(cfg, err, reason="diverged")
+        log.error("the run diverged; details in %s", path)
+    if not is_multirun() or isinstance(err, (UnsupportedLaunchError, ResumeError)) or _fails_alike(err):
+        raise err  # a single run, or a sweep that cannot work at all (every member would fail alike)
+    if not diverged:
+        from bgexp.training.run import write_failure
+
+        path = write_failure(cfg, err)
+    log.error("this sweep member failed (%s: %s); the sweep goes on. Details: %s", type(err).__name__, err, path)
+    if _is_optuna():
+        raise err  # optuna 2.x rejects NaN values; a raised trial is recorded as FAIL and the search goes on
+    return float("nan")
+
+
+def _main(cfg: DictConfig) -> float | None:
+    from bgexp.training.artifacts import objective
+    from bgexp.training.launch import is_multirun
     from bgexp.training.run import FAILURE_FILE, run_dir_of, run_experiment, write_failure
     from bgexp.training.signals import TERMINATED, as_terminated
 
@@ -107,18 +152,7 @@ def _main(cfg: DictConfig) -> float | None:
             raise SystemExit(terminated.exit_status) from None
         if not isinstance(err, Exception):
             raise
-        diverged = isinstance(err, TrainingDivergedError)
-        if diverged:
-            path = write_failure(cfg, err, reason="diverged")
-            log.error("the run diverged; details in %s", path)
-        if not is_multirun() or isinstance(err, UnsupportedLaunchError) or _fails_alike(err):
-            raise  # a single run, or a sweep that cannot work at all (every member would fail alike)
-        if not diverged:
-            path = write_failure(cfg, err)
-        log.error("this sweep member failed (%s: %s); the sweep goes on. Details: %s", type(err).__name__, err, path)
-        if _is_optuna():
-            raise  # optuna 2.x rejects NaN values; a raised trial is recorded as FAIL and the search goes on
-        return float("nan")
+        return _failed(cfg, err)
     if not results:  # not rank zero
         return None
     (run_dir_of(cfg) / FAILURE_FILE).unlink(missing_ok=True)  # a resumed run that completed has not failed

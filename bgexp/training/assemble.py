@@ -33,7 +33,7 @@ from bgexp.training.data import TargetDataModule
 from bgexp.training.errors import ConfigError
 from bgexp.training.module import BoltzmannGenerator
 # RESOLVED_CONFIG: the fully resolved config of a run, next to Hydra's .hydra/config.yaml
-from bgexp.training.resume import RESOLVED_CONFIG, wandb_run_id
+from bgexp.training.resume import RESOLVED_CONFIG, run_config_path, wandb_run_id
 
 
 def _without_name(node: DictConfig) -> dict[str, Any]:
@@ -174,12 +174,13 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
-    """The resolved config a run folder was trained with; its `_target_`s are checked against the
-    allow-list (a ForbiddenTargetError names one that is not) before anything is built from it."""
-    path = Path(run_dir) / RESOLVED_CONFIG
-    if not path.is_file():
+    """The resolved config a run folder was trained with: its config.yaml, or once resumed the
+    resolved.yaml of its latest resume (resumes/<stamp>/; `run_config_path`), so an evaluation has
+    the config hash of the run's results.json. Its `_target_`s are checked against the allow-list (a
+    ForbiddenTargetError names one that is not) before anything is built from it."""
+    if not (Path(run_dir) / RESOLVED_CONFIG).is_file():
         raise FileNotFoundError(f"{run_dir} is not a bgexp run folder (no {RESOLVED_CONFIG})")
-    cfg = OmegaConf.load(path)
+    cfg = OmegaConf.load(run_config_path(run_dir))
     check_config(cfg)
     return cfg
 

@@ -48,7 +48,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bgexp.atomic import atomic_path, atomic_write
@@ -80,18 +79,37 @@ class OutputDirError(ConfigError):
     """`paths.output_dir` (BGEXP_OUTPUT_DIR) is empty, a file, or not writable."""
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written through `bgexp.atomic.atomic_path` (see the module docstring)."""
+def _atomic_checkpoint_io() -> type:
+    """`AtomicCheckpointIO`, defined on first use: this module is imported by Hydra (RunFolderCallback)
+    before every run, and Lightning takes seconds to import (a config error is reported before)."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Checkpoints written through `bgexp.atomic.atomic_path` (see the module docstring)."""
 
-    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        """Lightning's resume load, always weights-only (a checkpoint never runs code; see
-        bgexp.training.artifacts.read_checkpoint, which checks the file first)."""
-        kwargs = {} if map_location is None else {"map_location": map_location}
-        return super().load_checkpoint(path, weights_only=True, **kwargs)
+        def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+            with atomic_path(path) as tmp:
+                super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)
+
+        def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+            """Lightning's resume load, always weights-only (a checkpoint never runs code; see
+            bgexp.training.artifacts.read_checkpoint, which checks the file first)."""
+            kwargs = {} if map_location is None else {"map_location": map_location}
+            return super().load_checkpoint(path, weights_only=True, **kwargs)
+
+    AtomicCheckpointIO.__module__, AtomicCheckpointIO.__qualname__ = __name__, "AtomicCheckpointIO"
+    return AtomicCheckpointIO
+
+
+_LAZY: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AtomicCheckpointIO":
+        if name not in _LAZY:
+            _LAZY[name] = _atomic_checkpoint_io()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # resume -------------------------------------------------------------------------------------------
@@ -114,6 +132,7 @@ def resumed_config(cfg: DictConfig, task_overrides: list[str] | None = None,
     choice a resume cannot change. Reads only: nothing is written."""
     if not cfg.get("resume"):
         return cfg
+    check_not_multirun(cfg)
     run_dir = resume_folder(cfg)
     overrides = [o for o in _parse(list(task_overrides or [])) if o.key_or_group != "resume"]
     refused = [o for o in overrides if o.key_or_group in RESUME_FIXED_KEYS or o.key_or_group in set(groups)]
@@ -152,6 +171,21 @@ def resumed_config(cfg: DictConfig, task_overrides: list[str] | None = None,
     return stored
 
 
+def check_not_multirun(cfg: DictConfig, multirun: bool | None = None) -> None:
+    """`resume=` in a multirun (`-m`) is a ResumeError: Hydra would run the member in a new sweep
+    subfolder, not in the run folder being resumed. `multirun`: None asks Hydra."""
+    if not cfg.get("resume"):
+        return
+    if multirun is None:
+        from bgexp.training.launch import is_multirun
+
+        multirun = is_multirun()
+    if multirun:
+        raise ResumeError(f"resume={cfg.resume} cannot run in a multirun (-m): the sweep would train in a new sweep "
+                          f"subfolder, not in the run folder. Resume each member on its own, without -m: "
+                          f"`bgexp-train resume=<member folder>` (one command per member)")
+
+
 def _refusal(line: str, key: str) -> str:
     if key == "experiment":
         return (f"`{line}` with `resume=`: a resumed run keeps its own experiment (stored in its config.yaml); "
@@ -174,6 +208,13 @@ def _delete(cfg: DictConfig, key: str) -> None:
     node = OmegaConf.select(cfg, parent) if parent else cfg
     if isinstance(node, DictConfig) and leaf in node:
         del node[leaf]
+
+
+def run_config_path(run_dir: str | Path) -> Path:
+    """The config a run folder's results come from: the resolved config of its latest recorded resume
+    (a resume's overrides, e.g. trainer.max_epochs=50, are part of the run's results and config
+    hash), else the fresh run's config.yaml."""
+    return latest_resume(Path(run_dir)) or Path(run_dir) / RESOLVED_CONFIG
 
 
 def latest_resume(run_dir: Path) -> Path | None:
@@ -317,6 +358,10 @@ class RunFolderCallback(_HydraCallback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _exit_on_bad_output_dir(config)
+        try:  # before the sweep makes a folder
+            check_not_multirun(config, multirun=True)
+        except ResumeError as err:
+            raise SystemExit(f"{type(err).__name__}: {err}") from err
 
 
 def _exit_on_bad_output_dir(config: DictConfig) -> None:

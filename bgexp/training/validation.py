@@ -38,7 +38,9 @@ What is checked (mode "train", the config of conf/config.yaml):
   built on its space without data (`build_flow(..., data=None)`, milliseconds), so a bad flow value
   or a flow/target mismatch (a torus flow on a Cartesian space, a wrong flow.transform.dim) fails
   here, not after the MC data generation. OpenMM targets (ala2, bpti, ice) take seconds and worker
-  processes to build; for them the flow is checked by the values above and again when built.
+  processes to build; for them the flow is checked by the values above, and built on the target's
+  space without data by the task (`check_flow_on_target`, bgexp/training/tasks/bg.py) right after
+  the target is built, before any MD data are generated.
 
 Mode "eval" checks the settings of conf/eval.yaml (bgexp-eval, bgexp-sample): run_dir given,
 n_samples, batch_size, n_bootstrap, n_data >= 1, 0 < confidence < 1, the smc block, unknown keys.
@@ -273,9 +275,12 @@ class TargetNode:
     (module docstring), values by parameter name (`rules`)."""
 
     def __init__(self, rules: Mapping[str, Check] | None = None, extra: tuple[str, ...] = (), nullable: bool = False,
-                 empty_ok: bool = False, passed: tuple[str, ...] = ()):
+                 empty_ok: bool = False, passed: tuple[str, ...] = (), resolve: bool = True):
         self.rules, self.extra, self.nullable, self.empty_ok = dict(rules or {}), extra, nullable, empty_ok
         self.passed = passed  # keywords the builder passes at build time (callbacks: run_dir)
+        # False (the first, import-free pass): the callable is not imported; its keys are checked by
+        # name only (`rules`), the parameters and nested `_target_` nodes in the second pass
+        self.resolve = resolve
 
     def check(self, value: Any, key: str, problems: _Problems) -> None:
         if value is None and self.nullable or (value == {} and self.empty_ok):
@@ -283,7 +288,7 @@ class TargetNode:
         if not isinstance(value, dict) or "_target_" not in value:
             problems.add(key, value, "must be a mapping with a `_target_`" + (" or null" if self.nullable else ""))
             return
-        params = _parameters(value["_target_"], _join(key, "_target_"), problems)
+        params = _parameters(value["_target_"], _join(key, "_target_"), problems) if self.resolve else None
         for name in self.passed:
             if params is not None and name not in params:
                 problems.add(_join(key, "_target_"), value["_target_"], f"must accept `{name}` (bgexp passes it)")
@@ -297,7 +302,8 @@ class TargetNode:
             if sub is UNRESOLVED or sub is MISSING:
                 continue
             if isinstance(sub, dict) and "_target_" in sub:
-                TargetNode().check(sub, path, problems)
+                if self.resolve:
+                    TargetNode().check(sub, path, problems)
             elif name in self.rules:
                 _check(self.rules[name], sub, path, problems)
 
@@ -478,40 +484,52 @@ def _flow_keys() -> set[str]:
     return keys
 
 
-def _flow() -> Section:
-    flow_rules = {**FLOW_RULES, "activation": _activations()}
-    node = TargetNode(flow_rules, extra=("dim",))
+def _flow(quick: bool = False) -> Section:
+    flow_rules = FLOW_RULES if quick else {**FLOW_RULES, "activation": _activations()}  # activations: torch
+    resolve = not quick
+    node = TargetNode(flow_rules, extra=("dim",), resolve=resolve)
     keys = {k: anything for k in _flow_keys()}
-    keys.update(layers=MapOf(TargetNode(flow_rules, nullable=True)), prior=TargetNode(flow_rules, nullable=True),
-                transform=node, spatial_dim=integer(1))
+    keys.update(layers=MapOf(TargetNode(flow_rules, nullable=True, resolve=resolve)),
+                prior=TargetNode(flow_rules, nullable=True, resolve=resolve), transform=node, spatial_dim=integer(1))
     return Section(keys, required=("transform",))
 
 
-def train_schema() -> Section:
-    """The declared schema of a training config (conf/config.yaml and its groups)."""
+DIVERGENCE = Section({"enabled": boolean(), "window": integer(1), "growth": number(0), "floor": number(0),
+                      "min_steps": integer(1), "zero_weight_evaluations": integer(0)}, nullable=True)
+
+
+def train_schema(quick: bool = False) -> Section:
+    """The declared schema of a training config (conf/config.yaml and its groups). `quick`: the
+    first pass of `validate_config`, which imports nothing: `_target_` nodes checked by key name
+    only (their callables are not imported) and the blocks whose schema is read from their
+    consumers' signatures (data, smc, tfep) left to the second pass."""
+    node = (lambda *a, **k: TargetNode(*a, resolve=False, **k)) if quick else TargetNode
     evaluation = Section(_with_declared({"every_n_epochs": integer(1), "n_samples": integer(1), "batch_size": integer(1),
                           "n_bootstrap": integer(1), "final_n_samples": integer(1), "final_n_bootstrap": integer(1),
                           "final_n_data": integer(1, none=True), "confidence": number(0, 1)},
                                         _declared("config", "evaluation")))
     return Section(_with_declared({
-        "task": TargetNode(), "target": TargetNode(TARGET_RULES, extra=("name",)), "data": _data(), "flow": _flow(),
-        "loss": TargetNode(LOSS_RULES), "trainer": TargetNode(TRAINER_RULES),
-        "logger": TargetNode(nullable=True, empty_ok=True),
+        "task": node(), "target": node(TARGET_RULES, extra=("name",)), "data": anything if quick else _data(),
+        "flow": _flow(quick), "loss": node(LOSS_RULES), "trainer": node(TRAINER_RULES),
+        "logger": node(nullable=True, empty_ok=True),
         "paths": Section({"output_dir": text(), "data_dir": text()}),
-        "callbacks": MapOf(TargetNode(nullable=True, passed=("run_dir",))), "smc": _smc_settings(), "tfep": _tfep(),
-        "experiment_name": text(), "seed": integer(), "tags": anything, "optim": TargetNode(OPTIM_RULES),
-        "scheduler": TargetNode(nullable=True), "max_consecutive_nonfinite": integer(1), "evaluation": evaluation,
+        "callbacks": MapOf(node(nullable=True, passed=("run_dir",))),
+        "smc": anything if quick else _smc_settings(), "tfep": anything if quick else _tfep(),
+        "experiment_name": text(), "seed": integer(), "tags": anything, "optim": node(OPTIM_RULES),
+        "scheduler": node(nullable=True), "max_consecutive_nonfinite": integer(1), "evaluation": evaluation,
+        "divergence": DIVERGENCE,
         "optimized_metric": text(), "save_samples": boolean(), "ckpt_path": text(none=True),
         "resume": text(none=True), "hydra": anything,
     }, _declared("config")), required=("task", "target", "flow", "evaluation"))
 
 
-def eval_schema() -> Section:
-    """The declared schema of conf/eval.yaml (bgexp-eval, bgexp-sample)."""
+def eval_schema(quick: bool = False) -> Section:
+    """The declared schema of conf/eval.yaml (bgexp-eval, bgexp-sample); `quick`: without the smc
+    block (its schema imports the SMC code)."""
     return Section(_with_declared({
         "run_dir": text(), "checkpoint": text(), "n_samples": integer(1), "batch_size": integer(1),
         "n_data": integer(1, none=True), "n_bootstrap": integer(1), "confidence": number(0, 1), "seed": integer(),
-        "out": text(none=True), "smc": _smc_settings(), "hydra": anything}, _declared("eval")), required=("run_dir",))
+        "out": text(none=True), "smc": anything if quick else _smc_settings(), "hydra": anything}, _declared("eval")), required=("run_dir",))
 
 
 # cross-field rules --------------------------------------------------------------------------------
@@ -590,7 +608,7 @@ def _cheap_target(node: Mapping[str, Any]) -> bool:
 
 def check_flow_fits_target(cfg: DictConfig, problems: _Problems) -> None:
     """Build the target (cheap ones only) and the flow recipe on its space without data."""
-    from bgexp.training.assemble import build_flow, build_target
+    from bgexp.training.assemble import build_target
 
     plain_target = _plain(cfg.get("target"))
     if not isinstance(plain_target, dict) or not _cheap_target(plain_target):
@@ -601,13 +619,32 @@ def check_flow_fits_target(cfg: DictConfig, problems: _Problems) -> None:
         problems.append(f"target: cannot be built ({type(err).__name__}: {err})")
         return
     try:
-        build_flow(cfg.flow, target, data=None)
-    except Exception as err:  # noqa: BLE001
-        problems.append(f"flow: cannot act on target {plain_target.get('_target_')} "
-                        f"(space of dimension {target.space.dim}): {type(err).__name__}: {err}")
+        _flow_on_target(cfg, target, problems)
     finally:
         if hasattr(target, "close"):
             target.close()
+
+
+def _flow_on_target(cfg: DictConfig, target, problems: _Problems) -> None:
+    from bgexp.training.assemble import build_flow
+
+    try:
+        build_flow(cfg.flow, target, data=None)
+    except Exception as err:  # noqa: BLE001
+        name = OmegaConf.select(cfg, "target._target_", default=type(target).__name__)
+        problems.append(f"flow: cannot act on target {name} "
+                        f"(space of dimension {target.space.dim}): {type(err).__name__}: {err}")
+
+
+def check_flow_on_target(cfg: DictConfig, target) -> None:
+    """The flow recipe of `cfg` built on the space of the built `target` without data (its layers
+    take their data-fitted parameters later): InvalidConfigError if it cannot act on that space.
+    For the targets `validate_config` does not build (OpenMM ones), run by the task before any data
+    or MD is generated."""
+    problems = _Problems()
+    _flow_on_target(cfg, target, problems)
+    if problems:
+        _raise("train", problems, complete=True)
 
 
 # the entry point ----------------------------------------------------------------------------------
@@ -624,27 +661,39 @@ class InvalidConfigError(ConfigError):
         return [re.split(r"[=:\s]", problem, maxsplit=1)[0] for problem in self.problems]
 
 
-def validate_config(cfg: DictConfig | Mapping[str, Any], *, mode: str = "train") -> None:
+def validate_config(cfg: DictConfig | Mapping[str, Any], *, mode: str = "train", quick: bool = False) -> None:
     """Raise ConfigError listing every problem of `cfg` (module docstring); `mode`: "train" for
-    bgexp-train's config, "eval" for bgexp-eval's and bgexp-sample's."""
+    bgexp-train's config, "eval" for bgexp-eval's and bgexp-sample's. Two passes: the first imports
+    nothing (values, ranges, unknown keys outside `_target_` nodes, cross-field rules, the optimized
+    metric) and reports what it finds at once; the second (skipped with `quick=True`) imports the
+    `_target_`s and the consumers whose signatures declare the rest, and builds the flow on the target."""
     from bgexp.training.allowlist import check_config
 
     if mode not in MODES:
         raise ValueError(f"validate_config: mode must be one of {MODES}, got {mode!r}")
-    check_config(cfg)  # a _target_ outside the allow-list: ForbiddenTargetError before anything is imported
     plain = _plain(cfg)
-    problems = _Problems()
-    (train_schema() if mode == "train" else eval_schema()).check(plain, "", problems)
-    if mode == "train":
-        _cross_field(plain, problems)
-        if not problems and _task_name(plain) == "bg":
-            check_flow_fits_target(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), problems)
-    if problems:
-        where = "bgexp-train" if mode == "train" else "bgexp-eval"
-        head = f"invalid configuration for {where} ({len(problems)} problem{'s' if len(problems) > 1 else ''}; " \
-               f"nothing was run):"
-        raise InvalidConfigError(head + "\n  " + "\n  ".join(problems), problems=list(problems))
+    for full in (False,) if quick else (False, True):
+        if full:  # a _target_ outside the allow-list: ForbiddenTargetError before anything is imported from it
+            check_config(cfg)  # (it imports the allowed ones, to check what they resolve to)
+        problems = _Problems()
+        (train_schema(quick=not full) if mode == "train" else eval_schema(quick=not full)).check(plain, "", problems)
+        if mode == "train":
+            _cross_field(plain, problems)
+            if full and not problems and _task_name(plain) == "bg":
+                check_flow_fits_target(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), problems)
+        if problems:
+            _raise(mode, problems, complete=full)
 
 
-__all__ = ["validate_config", "InvalidConfigError", "check_optimized_metric", "check_flow_fits_target", "train_schema", "eval_schema",
+def _raise(mode: str, problems: _Problems, complete: bool) -> None:
+    where = "bgexp-train" if mode == "train" else "bgexp-eval"
+    head = f"invalid configuration for {where} ({len(problems)} problem{'s' if len(problems) > 1 else ''}; " \
+           f"nothing was run):"
+    tail = "" if complete else ("\n(the parameters of `_target_` nodes, the data, smc and tfep blocks and the flow on "
+                                "the target are checked once these are fixed)")
+    raise InvalidConfigError(head + "\n  " + "\n  ".join(problems) + tail, problems=list(problems))
+
+
+__all__ = ["validate_config", "InvalidConfigError", "check_optimized_metric", "check_flow_fits_target",
+           "check_flow_on_target", "train_schema", "eval_schema",
            "UNRESOLVED", "MISSING"]

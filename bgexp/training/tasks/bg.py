@@ -40,6 +40,7 @@ from bgexp.training.errors import ConfigError
 from bgexp.training.module import BoltzmannGenerator
 from bgexp.training.tasks import FitContext, Task, training_block
 from bgexp.training.tasks.temperatures import evaluate_at_temperatures
+from bgexp.training.validation import check_flow_on_target
 
 
 class BoltzmannGeneratorTask(Task):
@@ -50,6 +51,9 @@ class BoltzmannGeneratorTask(Task):
 
     def build(self, cfg: DictConfig, target):
         smc_settings(cfg)  # a bad smc setting fails here, before data and training
+        # the flow on the target's space (its layers unfitted), before any data or MD: validate_config
+        # builds only the cheap targets, so a flow that cannot act on an OpenMM target fails here
+        check_flow_on_target(cfg, target)
         datamodule = build_datamodule(cfg, target)
         datamodule.setup()
         return build_model(cfg, target, data=datamodule.x_train), datamodule
