@@ -129,7 +129,7 @@ def test_resume_and_eval_refuse_a_crafted_last_checkpoint(tiny_run, tmp_path):
     assert "UnsafeCheckpointError" in proc.stderr and str(run / "checkpoints" / "last.ckpt") in proc.stderr, \
         proc.stderr[-3000:]
     assert not marker.exists()
-    proc = run_cli("bgexp-train", [f"resume={run}", "logger=none"], tmp_path)
+    proc = run_cli("bgexp-train", [f"resume={run}"], tmp_path)
     assert proc.returncode != 0
     assert "UnsafeCheckpointError" in proc.stderr, proc.stderr[-3000:]
     assert not marker.exists()
