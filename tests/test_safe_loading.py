@@ -41,6 +41,8 @@ from bgexp.training.assemble import (
 from bgexp.training.errors import ConfigError
 from bgexp.training.tasks import build_task
 
+pytestmark = pytest.mark.bad_input  # every test here is a crafted file or a forbidden target
+
 
 def compose_cfg(overrides=()):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
