@@ -628,12 +628,30 @@ def check_flow_fits_target(cfg: DictConfig, problems: _Problems) -> None:
 def _flow_on_target(cfg: DictConfig, target, problems: _Problems) -> None:
     from bgexp.training.assemble import build_flow
 
+    name = OmegaConf.select(cfg, "target._target_", default=type(target).__name__)
     try:
-        build_flow(cfg.flow, target, data=None)
+        built = build_flow(cfg.flow, target, data=None)
     except Exception as err:  # noqa: BLE001
-        name = OmegaConf.select(cfg, "target._target_", default=type(target).__name__)
         problems.append(f"flow: cannot act on target {name} "
                         f"(space of dimension {target.space.dim}): {type(err).__name__}: {err}")
+        return
+    _torus_flow_without_angles(built, name, problems)
+
+
+def _torus_flow_without_angles(built, name: str, problems: _Problems) -> None:
+    """A flow for circular coordinates (a torus prior or a smooth torus transform) on a space with
+    no circular feature: it would run as an affine flow on raw coordinates (no standardization), almost
+    surely not what was meant (e.g. flow=smooth_torus with the dimer)."""
+    from bgexp.flows import TorusPrior
+    from bgexp.flows.torus import SmoothTorusFlow
+
+    if built.latent_space.has_circular:
+        return
+    torus = [m for m in built.flow.modules() if isinstance(m, SmoothTorusFlow)]
+    if isinstance(built.prior, TorusPrior) or torus:
+        problems.append(f"flow: a flow for circular coordinates ({type(built.prior).__name__} prior"
+                        f"{', SmoothTorusFlow' if torus else ''}) on target {name}, whose space has no angle: choose a flow "
+                        f"for Cartesian coordinates (e.g. flow=realnvp) or a target with torsions")
 
 
 def check_flow_on_target(cfg: DictConfig, target) -> None:
