@@ -218,7 +218,15 @@ def _activations() -> Check:
 
 
 # schema nodes -------------------------------------------------------------------------------------
-class Section:
+class _Node:
+    """A schema node that checks a whole value (a section, a mapping, a `_target_` node, ...);
+    plain checks are functions value -> what is allowed (None when the value is)."""
+
+    def check(self, value: Any, key: str, problems: _Problems) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Section(_Node):
     """A plain (non-`_target_`) mapping with declared keys; `nullable`: null (switched off) allowed."""
 
     def __init__(self, keys: Mapping[str, Any], nullable: bool = False, required: tuple[str, ...] = ()):
@@ -241,7 +249,7 @@ class Section:
                 _check(self.keys[name], sub, path, problems)
 
 
-class MapOf:
+class MapOf(_Node):
     """A mapping of free names to entries of one kind (callbacks, flow.layers, tfep.references)."""
 
     def __init__(self, entry: Any, nullable: bool = True):
@@ -258,7 +266,7 @@ class MapOf:
                 _check(self.entry, sub, _join(key, name), problems)
 
 
-class OneOrList:
+class OneOrList(_Node):
     """One entry or a list of entries (data.md: one MD setting per data.path)."""
 
     def __init__(self, entry: Any):
@@ -270,7 +278,7 @@ class OneOrList:
                 _check(self.entry, sub, key if i is None else f"{key}[{i}]", problems)
 
 
-class TargetNode:
+class TargetNode(_Node):
     """A `_target_` node: allowed and importable target, keys that are parameters of the callable
     (module docstring), values by parameter name (`rules`)."""
 
@@ -313,7 +321,7 @@ def _join(key: str, name: Any) -> str:
 
 
 def _check(spec: Any, value: Any, key: str, problems: _Problems) -> None:
-    if hasattr(spec, "check"):
+    if isinstance(spec, _Node):
         spec.check(value, key, problems)
     else:
         allowed = spec(value)
@@ -388,7 +396,7 @@ def _smc_settings() -> Section:
     return _SMC({f.name: rules.get(f.name, anything) for f in dataclass_fields(SMCSettings)}, nullable=True)
 
 
-class _Generate:
+class _Generate(_Node):
     """data.generate by method: mc takes the parameters of the MC sampler, exact n_samples and seed."""
 
     def check(self, value: Any, key: str, problems: _Problems) -> None:
@@ -621,8 +629,7 @@ def check_flow_fits_target(cfg: DictConfig, problems: _Problems) -> None:
     try:
         _flow_on_target(cfg, target, problems)
     finally:
-        if hasattr(target, "close"):
-            target.close()
+        target.close()
 
 
 def _flow_on_target(cfg: DictConfig, target, problems: _Problems) -> None:
