@@ -108,8 +108,13 @@ def test_sigterm_stops_a_sweep_with_a_non_zero_status(tmp_path):
     _signal_after_first_checkpoint(proc, "*/0/checkpoints/last.ckpt", root)
     assert proc.returncode == 128 + signal.SIGTERM
     (sweep,) = list(root.iterdir())
-    _check_terminated(sweep / "0", proc)
+    checkpoint = _check_terminated(sweep / "0", proc)
     assert not (sweep / "1").exists()
+    # the interrupted member resumes and completes in its own folder
+    epochs = checkpoint["epoch"] + 2
+    resumed = run_cli("bgexp-train", [f"resume={sweep / '0'}", f"trainer.max_epochs={epochs}"], tmp_path, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert (sweep / "0" / "results.json").is_file() and not (sweep / "0" / "failed.json").exists()
 
 
 def test_a_signal_outside_training_raises_terminated_error_and_a_repeated_one_is_forced():
