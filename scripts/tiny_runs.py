@@ -83,6 +83,9 @@ _ICE = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.lo
 OVERRIDES: dict[str, list[str]] = {
     "dimer_realnvp": _DIMER,
     "dimer_benchmark": _DIMER,
+    # the staged schedule replaces the warm-up keys: a 4-step ML stage
+    "dimer_staged": [o for o in _DIMER if not o.startswith(("loss.nll_warmup", "loss.kl_ramp"))]
+    + ["loss.stages.0.steps=4"],
     "torus_smooth": _TORUS,
     "torus_spline": _TORUS,
     "dw4_ecnf": _ECNF,
