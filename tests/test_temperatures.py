@@ -45,8 +45,8 @@ def test_bad_temperatures_are_config_errors(values, message):
 
 @pytest.mark.slow
 def test_cli_run_with_relabelling_at_three_temperatures(tmp_path):
-    proc = run_cli("bgexp-train", [*TINY, "logger=csv", "target.relabel_solvent=true",
-                                   "evaluation.temperatures=[0.5,1,2]"], tmp_path)
+    proc = run_cli("bgexp-train", [*TINY, "logger=csv", "target.relabel_solvent=true", "trainer.max_epochs=1",
+                                   "evaluation.every_n_epochs=10", "evaluation.temperatures=[0.5,1,2]"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (run_dir,) = sorted((tmp_path / "outputs" / "runs" / "dimer_realnvp").iterdir())
     results = json.loads((run_dir / "results.json").read_text())
