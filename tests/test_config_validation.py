@@ -160,7 +160,8 @@ def test_a_resolved_stored_config_validates():
 # the real console scripts: refused before the run folder gets any data ----------------------------------
 @pytest.mark.bad_input
 @pytest.mark.parametrize("override, key", [("evaluation.final_n_samples=0", "evaluation.final_n_samples=0"),
-                                           ("+evaluation.final_n_sample=5000", "evaluation.final_n_sample=5000")])
+                                           ("+evaluation.final_n_sample=5000", "evaluation.final_n_sample=5000"),
+                                           ("+target.k_dimr=5", "target.k_dimr=5")])
 def test_the_cli_refuses_before_any_data(override, key, tmp_path):
     start = time.time()
     proc = run_cli("bgexp-train", [override, "logger=none"], tmp_path, timeout=120)
@@ -169,6 +170,8 @@ def test_the_cli_refuses_before_any_data(override, key, tmp_path):
     assert not (tmp_path / "outputs" / "data").exists()
     assert not list((tmp_path / "outputs").rglob("*.npz")) and not list((tmp_path / "outputs").rglob("*.ckpt"))
     assert time.time() - start < 60  # interpreter and imports included; the check itself is < 5 s (above)
+    # the first, import-free pass found it: nothing heavier than Hydra was loaded (no Lightning banner)
+    assert "the parameters of `_target_` nodes" in proc.stderr or "nothing was run" in proc.stderr
 
 
 @pytest.mark.bad_input

@@ -104,9 +104,10 @@ def _refuse(key: str, value: Any, prefixes: Sequence[str], detail: str = "", hin
         f"see bgexp/training/allowlist.py")
 
 
-def check_target(value: Any, key: str = TARGET_KEY, hint: str = "") -> None:
+def check_target(value: Any, key: str = TARGET_KEY, hint: str = "", resolve: bool = True) -> None:
     """Raise ForbiddenTargetError unless `value` (a `_target_`) is allowed by name and by what it
-    resolves to. A name under an allowed prefix that cannot be imported passes: Hydra reports that."""
+    resolves to. A name under an allowed prefix that cannot be imported passes: Hydra reports that.
+    `resolve=False`: the name only, nothing imported (the first pass of the config check)."""
     prefixes = allowed_prefixes()
     if not isinstance(value, str):  # a callable placed in a config from Python
         name = _canonical_name(value)
@@ -115,6 +116,8 @@ def check_target(value: Any, key: str = TARGET_KEY, hint: str = "") -> None:
         return
     if not is_allowed(value, prefixes):
         raise _refuse(key, value, prefixes, hint=hint)
+    if not resolve:
+        return
     try:
         from hydra._internal.utils import _locate
 
@@ -137,26 +140,27 @@ def _items(node: Any):
         yield from ((str(k), v) for k, v in node.items())
 
 
-def check_targets(node: Any, where: str = "", hint: str = "") -> None:
+def check_targets(node: Any, where: str = "", hint: str = "", resolve: bool = True) -> None:
     """Check every `_target_` in `node` (a config node, dict or list, recursively); `where` is the
     node's dotted key, used in the message."""
     if isinstance(node, (DictConfig, Mapping)):
         for k, v in _items(node):
             key = f"{where}.{k}" if where else k
             if k == TARGET_KEY:
-                check_target(v, key, hint=hint)
+                check_target(v, key, hint=hint, resolve=resolve)
             else:
-                check_targets(v, key, hint=hint)
+                check_targets(v, key, hint=hint, resolve=resolve)
     elif isinstance(node, (ListConfig, list, tuple)):
         for i, v in enumerate(node):
-            check_targets(v, f"{where}[{i}]", hint=hint)
+            check_targets(v, f"{where}[{i}]", hint=hint, resolve=resolve)
 
 
-def check_config(cfg: DictConfig | Mapping) -> None:
-    """Every `_target_` of a whole config, except Hydra's own block (`hydra:`, launchers and sweepers)."""
+def check_config(cfg: DictConfig | Mapping, resolve: bool = True) -> None:
+    """Every `_target_` of a whole config, except Hydra's own block (`hydra:`, launchers and sweepers);
+    `resolve=False`: by name only, importing nothing."""
     for k, v in _items(cfg):
         if k != "hydra":
-            check_targets(v, k)
+            check_targets(v, k, resolve=resolve)
 
 
 def instantiate(node: Any, *args: Any, where: str = "", **kwargs: Any) -> Any:

@@ -72,6 +72,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bgexp.training.errors import ConfigError
+from bgexp.training.static_signature import static_parameters
 
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 MODES = ("train", "eval")
@@ -286,8 +287,9 @@ class TargetNode(_Node):
                  empty_ok: bool = False, passed: tuple[str, ...] = (), resolve: bool = True):
         self.rules, self.extra, self.nullable, self.empty_ok = dict(rules or {}), extra, nullable, empty_ok
         self.passed = passed  # keywords the builder passes at build time (callbacks: run_dir)
-        # False (the first, import-free pass): the callable is not imported; its keys are checked by
-        # name only (`rules`), the parameters and nested `_target_` nodes in the second pass
+        # False (the first, import-free pass): the callable is not imported; its keys are checked
+        # against the parameters read from a bgexp callable's source (bgexp/training/static_signature.py)
+        # where that is certain, by name only (`rules`) otherwise; the second pass imports it
         self.resolve = resolve
 
     def check(self, value: Any, key: str, problems: _Problems) -> None:
@@ -296,7 +298,9 @@ class TargetNode(_Node):
         if not isinstance(value, dict) or "_target_" not in value:
             problems.add(key, value, "must be a mapping with a `_target_`" + (" or null" if self.nullable else ""))
             return
-        params = _parameters(value["_target_"], _join(key, "_target_"), problems) if self.resolve else None
+        # the first pass reads a bgexp callable's parameters from its source (no import), when it can
+        params = (_parameters(value["_target_"], _join(key, "_target_"), problems) if self.resolve
+                  else static_parameters(value["_target_"]))
         for name in self.passed:
             if params is not None and name not in params:
                 problems.add(_join(key, "_target_"), value["_target_"], f"must accept `{name}` (bgexp passes it)")
@@ -310,8 +314,7 @@ class TargetNode(_Node):
             if sub is UNRESOLVED or sub is MISSING:
                 continue
             if isinstance(sub, dict) and "_target_" in sub:
-                if self.resolve:
-                    TargetNode().check(sub, path, problems)
+                TargetNode(resolve=self.resolve).check(sub, path, problems)
             elif name in self.rules:
                 _check(self.rules[name], sub, path, problems)
 
@@ -697,6 +700,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], *, mode: str = "train",
     if mode not in MODES:
         raise ValueError(f"validate_config: mode must be one of {MODES}, got {mode!r}")
     plain = _plain(cfg)
+    check_config(cfg, resolve=False)  # a forbidden `_target_` by name: ForbiddenTargetError before anything else
     for full in (False,) if quick else (False, True):
         if full:  # a _target_ outside the allow-list: ForbiddenTargetError before anything is imported from it
             check_config(cfg)  # (it imports the allowed ones, to check what they resolve to)
