@@ -43,6 +43,7 @@ BAD_TRAIN = [
     (["optimized_metric=bogus"], "optimized_metric='bogus'", "can exist in results.json"),
     (["+evaluation.final_n_sample=5000"], "evaluation.final_n_sample=5000", "did you mean evaluation.final_n_samples?"),
     (["+sed=5"], "sed=5", "did you mean seed?"),
+    (["+logger.projetc=x"], "logger.projetc='x'", "did you mean logger.project?"),  # WandbLogger: wandb.init keys
     (["flow=smooth_torus"], "flow:", "flow for circular coordinates"),  # a torus flow on the dimer
     (["flow=spline_torus"], "flow:", "whose space has no angle"),
     (["flow.transform.n_couplings=0"], "flow.transform.n_couplings=0", "integer >= 1"),

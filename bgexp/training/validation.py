@@ -338,8 +338,14 @@ def _resolve_target(target: Any):
     return _locate(target) if isinstance(target, str) else target
 
 
+# callables whose **kwargs are handed on to another one: their keys are that one's parameters too
+FORWARDED_KWARGS = {"lightning.pytorch.loggers.WandbLogger": "wandb.init",
+                    "lightning.pytorch.loggers.wandb.WandbLogger": "wandb.init"}
+
+
 def _parameters(target: Any, key: str, problems: _Problems) -> set[str] | None:
-    """The keyword parameters of the callable `target` names (None: it takes any keyword)."""
+    """The keyword parameters of the callable `target` names (None: it takes any keyword; for the
+    callables of FORWARDED_KWARGS, the parameters of the one their **kwargs go to are added)."""
     if target is UNRESOLVED:
         return None
     try:
@@ -351,10 +357,15 @@ def _parameters(target: Any, key: str, problems: _Problems) -> set[str] | None:
         signature = inspect.signature(obj)
     except (TypeError, ValueError):
         return None
+    own = {name for name, p in signature.parameters.items()
+           if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
-        return None
-    return {name for name, p in signature.parameters.items()
-            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+        forwarded = FORWARDED_KWARGS.get(target) if isinstance(target, str) else None
+        if forwarded is None:
+            return None
+        onward = _parameters(forwarded, key, _Problems())
+        return None if onward is None else own | onward
+    return own
 
 
 def _signature_keys(fn: Callable, drop: tuple[str, ...] = ()) -> list[str]:
