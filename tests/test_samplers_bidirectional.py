@@ -139,3 +139,79 @@ def test_bidirectional_refuses_weighted_starts_and_wrong_shapes():
         annealed_works(torch.zeros(0, D), log_pi0, log_pi1, space, MALA(space), proto)
     with pytest.raises(SamplerSettingError, match="another space"):
         annealed_works(y, log_pi0, log_pi1, space, HMC(Space(3)), proto)
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-state refinement (bgexp.evaluation.refinement) with the bidirectional estimate
+# ---------------------------------------------------------------------------------------------
+class _TwoWells:
+    """A 1-D target with two states: u(x) = -log of a two-Gaussian mixture, states x < 0, x >= 0;
+    exact Delta F(left -> right) from the Gaussian CDFs."""
+
+    w = (0.3, 0.7)
+    mu = (-1.5, 1.8)
+    sd = (0.4, 0.6)
+    space = Space(1)
+    relabelling = None
+
+    def energy(self, x):
+        comps = torch.stack([math.log(w) - 0.5 * ((x[:, 0] - m) / s) ** 2 - math.log(s)
+                             for w, m, s in zip(self.w, self.mu, self.sd)], 1)
+        return -torch.logsumexp(comps, 1)
+
+    @property
+    def states(self):
+        return {"left": lambda x: x[:, 0] < 0, "right": lambda x: x[:, 0] >= 0}
+
+    def exact_delta_f(self):
+        p_right = sum(w * stats.norm.sf(-m / s) for w, m, s in zip(self.w, self.mu, self.sd))
+        return -math.log(p_right / (1 - p_right))
+
+    def sample(self, n, g):
+        comp = torch.rand(n, generator=g) < self.w[1]
+        mu = torch.where(comp, self.mu[1], self.mu[0])
+        sd = torch.where(comp, self.sd[1], self.sd[0])
+        return (mu + sd * torch.randn(n, generator=g)).double()[:, None]
+
+
+@pytest.mark.parametrize("reverse_steps", [0, 20])
+def test_per_state_refinement_with_bidirectional_estimate_recovers_delta_f(reverse_steps):
+    from bgexp.evaluation.refinement import Pullback, SMCSettings, refine
+    from bgexp.flows.priors import NormalPrior
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        target = _TwoWells()
+        path = Pullback(NormalPrior(1), None, target.energy, Space(1))
+        data = target.sample(4000, gen(5))
+        settings = SMCSettings(n_particles=300, n_replicates=5, step_size=0.3, n_steps_per_level=3, cess_target=0.9,
+                               bidirectional=True, n_bidirectional=300, reverse_steps=reverse_steps, baselines=(),
+                               progress=False)
+        block = refine(path, target, settings, seed=3, data=data)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    bidir = block["bidirectional"]
+    estimate = bidir["delta_f"]["left->right"]
+    exact = target.exact_delta_f()
+    assert estimate["ci_low"] - 0.05 <= exact <= estimate["ci_high"] + 0.05, (estimate, exact)
+    assert abs(estimate["value"] - exact) < 0.15
+    assert len(estimate["bar_std"]) == 5 and all(0 < s < 0.3 for s in estimate["bar_std"])
+    row = bidir["replicates"][0]["right"]
+    assert row["n_forward"] == 300 and row["n_reverse"] == 300 and row["n_levels"] >= 1
+    assert row["reverse_steps"] == reverse_steps and (row["reverse_step_size"] is None) == (reverse_steps == 0)
+    # its energy evaluations are part of the block's total
+    assert 0 < bidir["n_energy_evals"] < block["n_energy_evals"]
+
+
+@pytest.mark.bad_input
+def test_bidirectional_settings_that_cannot_work_are_refused():
+    from bgexp.evaluation.refinement import Pullback, SMCSettings, _check_bidirectional
+
+    with pytest.raises(SamplerSettingError, match="per_state"):
+        SMCSettings(bidirectional=True, per_state=False)
+    with pytest.raises(SamplerSettingError, match="n_bidirectional"):
+        SMCSettings(bidirectional=True, n_bidirectional=1)
+    with pytest.raises(SamplerSettingError, match="reverse_steps"):
+        SMCSettings(bidirectional=True, reverse_steps=-3)
+    with pytest.raises(SamplerSettingError, match="equilibrium data"):
+        _check_bidirectional(Pullback(None, None, None, Space(1)), None)

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from bgexp.flows.base import ContinuousFlow
 from bgexp.samplers import HMC, MALA, SMCResult, smc
+from bgexp.samplers.bidirectional import bidirectional_ais, pilot_protocol
 from bgexp.samplers.errors import SamplerSettingError
 from bgexp.samplers.replicates import replicate_seeds, student_t_interval
 from bgexp.spaces import Space
@@ -70,6 +71,9 @@ class SMCSettings:
     confidence: float = 0.95
     batch_size: int = 2000
     progress: bool = True
+    bidirectional: bool = False
+    n_bidirectional: int | None = None
+    reverse_steps: int = 0
 
     def __post_init__(self) -> None:
         self.baselines = tuple(self.baselines or ())
@@ -87,6 +91,18 @@ class SMCSettings:
             raise SamplerSettingError(f"smc.baselines: unknown {sorted(unknown)} (available: prior, mcmc)")
         if int(self.max_draw_factor) < 1:
             raise SamplerSettingError(f"smc.max_draw_factor must be >= 1, got {self.max_draw_factor}")
+        if self.n_bidirectional is not None and int(self.n_bidirectional) < 2:
+            raise SamplerSettingError(f"smc.n_bidirectional must be >= 2 (or null: n_particles), got {self.n_bidirectional}")
+        if int(self.reverse_steps) != self.reverse_steps or self.reverse_steps < 0:
+            raise SamplerSettingError(f"smc.reverse_steps must be an integer >= 0, got {self.reverse_steps}")
+        if self.bidirectional and self.per_state is False:
+            raise SamplerSettingError("smc.bidirectional needs smc.per_state (the data are equilibrium samples within "
+                                      "each state, not across states)")
+
+    @property
+    def n_works(self) -> int:
+        """Particles per direction of the bidirectional estimate."""
+        return int(self.n_bidirectional or self.n_particles)
 
 
 @dataclass
@@ -105,6 +121,13 @@ class Pullback:
 
     def log_pi0(self, z: Tensor) -> Tensor:
         return self.prior.log_prob(z)
+
+    @torch.no_grad()
+    def pull(self, x: Tensor) -> Tensor:
+        """z = F^-1(x): equilibrium samples of the target pulled back are exact samples of pi_1."""
+        if self.flow is None:
+            return x
+        return self.flow.inverse(x)[0]
 
     def log_pi1(self, z: Tensor) -> Tensor:
         x, logdet = self.push(z)
@@ -218,12 +241,16 @@ def draw_in_state(path: Pullback, state: Callable[[Tensor], Tensor], n: int, set
 
 
 def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSettings,
-                  generator: torch.Generator) -> dict[str, Any]:
-    """One replicate of the per-state refinement: log Z_s for every state (module docstring)."""
+                  generator: torch.Generator, data: Tensor | None = None, target=None) -> dict[str, Any]:
+    """One replicate of the per-state refinement: log Z_s for every state (module docstring); with
+    ``settings.bidirectional`` and `data`, also the bidirectional estimate of every log Z_s."""
     log_z, ess, evals, levels, wall, model_s, history = {}, {}, 0, {}, 0.0, 0.0, {}
+    bidir: dict[str, dict[str, float]] = {}
+    n_extra = settings.n_works if settings.bidirectional else 0
     for name, state in states.items():
         t0 = time.perf_counter()  # drawing the starting particles is flow evaluation (model time)
-        z0, log_w0, q = draw_in_state(path, state, settings.n_particles, settings, generator)
+        z_all, log_w_all, q = draw_in_state(path, state, settings.n_particles + n_extra, settings, generator)
+        z0, log_w0 = z_all[:settings.n_particles], log_w_all[:settings.n_particles]
         model_s += time.perf_counter() - t0
         if q == 0 or z0.shape[0] < 2:
             log_z[name], ess[name], levels[name] = -math.inf, 0.0, 0
@@ -235,8 +262,71 @@ def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSett
         evals += result.n_energy_evals
         wall += result.wall_s
         model_s += result.model_s
-    return {"log_z": log_z, "ess": ess, "n_energy_evals": evals, "levels": levels, "wall_s": wall,
-            "model_s": model_s, "history": history}
+        if settings.bidirectional and data is not None:
+            t0 = time.perf_counter()
+            entry = bidirectional_in_state(path, target, state, settings, result, z_all[settings.n_particles:], q, data,
+                                           generator)
+            bidir[name] = entry
+            evals += entry["n_energy_evals"]
+            wall += time.perf_counter() - t0
+            model_s += entry.pop("model_s")
+    out = {"log_z": log_z, "ess": ess, "n_energy_evals": evals, "levels": levels, "wall_s": wall,
+           "model_s": model_s, "history": history}
+    if bidir:
+        out["bidirectional"] = bidir
+    return out
+
+
+def bidirectional_in_state(path: Pullback, target, state: Callable[[Tensor], Tensor], settings: SMCSettings,
+                           result: SMCResult, z_forward: Tensor, q: float, data: Tensor,
+                           generator: torch.Generator) -> dict[str, Any]:
+    """log Z_s = log Q_s + BAR(forward works from the prior's particles in s, reverse works from
+    the data in s pulled back by F^-1), on the protocol of this state's SMC run
+    (`bgexp.samplers.bidirectional`).  The data must be equilibrium samples of the target within
+    the state in the flow's coordinates (for interchangeable particles: relabelled, so that they
+    sample the canonical region the flow's density lives on)."""
+    frames = data[state(data).to(data.device)]
+    if frames.shape[0] < 2 or z_forward.shape[0] < 2:
+        return {"log_z": -math.inf, "std": math.nan, "n_forward": int(z_forward.shape[0]),
+                "n_reverse": int(frames.shape[0]), "n_energy_evals": 0, "model_s": 0.0}
+    pick = torch.randperm(frames.shape[0], generator=torch.Generator().manual_seed(
+        int(torch.randint(2 ** 31, (1,), generator=generator))))[:settings.n_works]
+    frames, decorrelation = decorrelate(target, state, frames[pick].to(z_forward), settings, generator)
+    z_reverse = path.pull(frames)
+    res = bidirectional_ais(z_forward, z_reverse, path.log_pi0, path.restricted_log_pi1(state), path.space,
+                            _kernel(settings, path.space), pilot_protocol(result), generator=generator)
+    return {"log_z": math.log(q) + res.log_normalizer, "std": res.std,
+            "forward_log_z": math.log(q) + res.forward_log_normalizer,
+            "reverse_log_z": math.log(q) + res.reverse_log_normalizer, "forward_ess": res.forward_ess,
+            "n_forward": int(z_forward.shape[0]), "n_reverse": int(z_reverse.shape[0]),
+            "n_levels": res.protocol.n_levels, "n_energy_evals": int(res.n_energy_evals) + decorrelation["n_energy_evals"],
+            "reverse_steps": settings.reverse_steps, "reverse_step_size": decorrelation["step_size"],
+            "model_s": res.model_s + decorrelation["model_s"]}
+
+
+def decorrelate(target, state: Callable[[Tensor], Tensor], x: Tensor, settings: SMCSettings,
+                generator: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
+    """``settings.reverse_steps`` moves of the kernel in x on exp(-u) restricted to the state, the
+    first fifth adapting the step size, then relabelled into the canonical region (if the target
+    relabels; exp(-u) is permutation-invariant, so this samples it restricted to that region).  The
+    kernel leaves the target invariant: equilibrium frames stay equilibrium samples, and they lose
+    their link to the flow, which was fitted to these very frames (a flow's density is higher at
+    its training frames than at fresh samples of the same distribution, so reverse works from the
+    training frames themselves are biased)."""
+    steps = int(settings.reverse_steps)
+    if steps == 0:
+        return x, {"n_energy_evals": 0, "model_s": 0.0, "step_size": None}
+
+    def log_density(y: Tensor) -> Tensor:
+        value = -target.energy(y)
+        return torch.where(state(y).to(value.device), value, torch.full_like(value, -math.inf))
+
+    kernel = KERNELS[settings.kernel](target.space, step_size=0.01)
+    t0 = time.perf_counter()
+    chain = kernel.warmup(x, log_density, max(steps // 5, 1), generator=generator)
+    chain, _ = kernel.run(chain, log_density, steps - max(steps // 5, 1), generator=generator)
+    evals = x.shape[0] * (steps + 1) * kernel.evals_per_step
+    return _canonical(target, chain.y), {"n_energy_evals": int(evals), "model_s": time.perf_counter() - t0, "step_size": kernel.step_size}
 
 
 def run_global(path: Pullback, states: dict[str, Callable], settings: SMCSettings,
@@ -262,25 +352,28 @@ def run_global(path: Pullback, states: dict[str, Callable], settings: SMCSetting
 
 
 # replicates and the results block ---------------------------------------------------------------
-def refine(path: Pullback, target, settings: SMCSettings, seed: int, reference=None) -> dict[str, Any]:
+def refine(path: Pullback, target, settings: SMCSettings, seed: int, reference=None,
+           data: Tensor | None = None) -> dict[str, Any]:
     """`n_replicates` independent runs (per state or global) and their Delta F with Student-t
-    intervals against the target's reference: the block results.json stores under smc/<name>."""
+    intervals against the target's reference: the block results.json stores under smc/<name>.
+    With ``settings.bidirectional`` and `data` (per state), a `bidirectional` sub-block too."""
     states = dict(target.states)
     per_state = settings.per_state if settings.per_state is not None else len(states) > 1
-    run = run_per_state if per_state else run_global
     start = time.perf_counter()
-    replicates = [run(path, states, settings, torch.Generator().manual_seed(s))
-                  for s in replicate_seeds(seed, settings.n_replicates)]
+    if per_state:
+        replicates = [run_per_state(path, states, settings, torch.Generator().manual_seed(s), data, target)
+                      for s in replicate_seeds(seed, settings.n_replicates)]
+    else:
+        replicates = [run_global(path, states, settings, torch.Generator().manual_seed(s))
+                      for s in replicate_seeds(seed, settings.n_replicates)]
     names = list(states)
-    delta_f = {}
-    for b in names[1:]:
-        key = f"{names[0]}->{b}"
-        values = [-(r["log_z"][b] - r["log_z"][names[0]]) for r in replicates]
-        delta_f[key] = _interval(values, settings.confidence, reference.delta_f.get(key) if reference else None)
+    delta_f = _delta_f_intervals(names, [r["log_z"] for r in replicates], settings, reference)
     wall = time.perf_counter() - start
     model_s = sum(r["model_s"] for r in replicates)
     extra = {} if per_state else {  # log Z_1 / Z_0 (the target's log Z when pi_0 is normalised)
         "log_normalizer": _interval([r["log_normalizer"] for r in replicates], settings.confidence, None)}
+    if all("bidirectional" in r for r in replicates):
+        extra["bidirectional"] = _bidirectional_block(names, replicates, settings, reference)
     return {"mode": "per_state" if per_state else "global", "delta_f": delta_f, **extra,
             "ess": _mean_dicts([r["ess"] for r in replicates]),
             "n_energy_evals": int(sum(r["n_energy_evals"] for r in replicates)), "wall_s": wall,
@@ -288,6 +381,32 @@ def refine(path: Pullback, target, settings: SMCSettings, seed: int, reference=N
             "levels": _mean_dicts([r["levels"] for r in replicates]),
             "replicates": [{k: r[k] for k in ("log_z", "ess", "n_energy_evals", "levels")} for r in replicates],
             "history": replicates[0]["history"]}
+
+
+def _delta_f_intervals(names: list[str], log_z: list[dict[str, float]], settings: SMCSettings,
+                       reference) -> dict[str, Any]:
+    """Delta F(first state -> each other) per replicate, and their Student-t interval."""
+    delta_f = {}
+    for b in names[1:]:
+        key = f"{names[0]}->{b}"
+        values = [-(r[b] - r[names[0]]) for r in log_z]
+        delta_f[key] = _interval(values, settings.confidence, reference.delta_f.get(key) if reference else None)
+    return delta_f
+
+
+def _bidirectional_block(names: list[str], replicates: list[dict[str, Any]], settings: SMCSettings,
+                         reference) -> dict[str, Any]:
+    """The bidirectional estimates: Delta F with the Student-t interval over replicates, and per
+    replicate and state the BAR std, the one-sided estimates and the particles of each direction."""
+    rows = [r["bidirectional"] for r in replicates]
+    block = {"delta_f": _delta_f_intervals(names, [{k: v["log_z"] for k, v in row.items()} for row in rows],
+                                           settings, reference),
+             "n_energy_evals": int(sum(v["n_energy_evals"] for row in rows for v in row.values())),
+             "replicates": rows}
+    for key, entry in block["delta_f"].items():
+        a, b = key.split("->")
+        entry["bar_std"] = [float(math.hypot(row[a]["std"], row[b]["std"])) for row in rows]
+    return block
 
 
 def _interval(values: list[float], confidence: float, reference) -> dict[str, Any]:
@@ -361,6 +480,23 @@ def smc_figures(block: dict[str, Any], figure_dir) -> dict[str, str]:
     return figures
 
 
+def _check_bidirectional(path: Pullback, data: Tensor | None) -> None:
+    """Refuse the bidirectional estimate, before any energy is evaluated, where it cannot work."""
+    if data is None or data.shape[0] < 2:
+        raise SamplerSettingError("smc.bidirectional needs equilibrium data of the target (the training frames); "
+                                  "none were given")
+    if isinstance(path, WeightedStart):
+        raise SamplerSettingError("smc.bidirectional needs a flow with an inverse (z = F^-1(x)); a continuous "
+                                  "flow starts SMC from weighted samples in x instead")
+
+
+def _canonical(target, data: Tensor) -> Tensor:
+    """The data relabelled into the canonical region when the target relabels interchangeable
+    particles (idempotent: training data are relabelled already)."""
+    relabelling = target.relabelling
+    return data if relabelling is None else relabelling.canonicalize(data)
+
+
 def smc_block(model, settings: SMCSettings, seed: int, data: Tensor | None = None) -> dict[str, Any]:
     """results.json's `smc` block: the refinement from the flow, the configured SMC baselines and,
     with training `data` and "mcmc" among the baselines, MCMC from the data at the flow's whole
@@ -371,8 +507,12 @@ def smc_block(model, settings: SMCSettings, seed: int, data: Tensor | None = Non
     block: dict[str, Any] = {"settings": asdict(settings)}
     try:
         paths = pullbacks(model)
+        if settings.bidirectional:
+            _check_bidirectional(paths["flow"], data)
+            data = _canonical(model.target, data)
         for name in ("flow", *(b for b in settings.baselines if b != "mcmc")):
-            block[name] = refine(paths[name], model.target, settings, seed, model.target.reference)
+            block[name] = refine(paths[name], model.target, settings, seed, model.target.reference,
+                                 data=data if name == "flow" else None)
         if "mcmc" in settings.baselines and data is not None:
             budget = model.n_energy_evals_train + model.n_energy_evals_eval + block["flow"]["n_energy_evals"]
             block["mcmc"] = {"budget": int(budget), **mcmc_from_data(model.target, data, budget, settings, seed)}

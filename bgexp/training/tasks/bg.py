@@ -249,6 +249,10 @@ def smc_scalars(block: dict[str, Any] | None) -> dict[str, float]:
             scalars[f"final/smc/{source}/ess/{state}"] = float(value)
         if "n_energy_evals" in entry:
             scalars[f"final/smc/{source}/energy_evals"] = float(entry["n_energy_evals"])
+        for name, estimate in entry.get("bidirectional", {}).get("delta_f", {}).items():
+            for key in ("value", "ci_low", "ci_high", "error"):
+                if estimate.get(key) is not None:
+                    scalars[f"final/smc/{source}/bidirectional/delta_f/{name}/{key}"] = float(estimate[key])
     return scalars
 
 
@@ -265,6 +269,13 @@ def _smc_lines(block: dict[str, Any]) -> list[str]:
             if e.get("reference") is not None:
                 text += f"; reference {e['reference']:.3f} kT"
             lines.append(f"{text} ({'final ESS ' + ess + '; ' if ess else ''}{entry['n_energy_evals']} energy evaluations)")
+        for name, e in entry.get("bidirectional", {}).get("delta_f", {}).items():
+            text = (f"Bidirectional AIS + BAR (flow, data): Delta F({name}) = {e['value']:.3f} kT, "
+                    f"{100 * e['confidence']:.0f}% CI [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
+                    if e["value"] is not None else f"Bidirectional AIS + BAR: Delta F({name}) undefined")
+            if e.get("reference") is not None:
+                text += f"; reference {e['reference']:.3f} kT"
+            lines.append(f"{text} ({entry['bidirectional']['n_energy_evals']} energy evaluations)")
     return lines
 
 
