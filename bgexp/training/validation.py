@@ -658,6 +658,17 @@ def _flow_on_target(cfg: DictConfig, target, problems: _Problems) -> None:
                         f"(space of dimension {target.space.dim}): {type(err).__name__}: {err}")
         return
     _torus_flow_without_angles(built, name, problems)
+    _bidirectional_without_inverse(cfg, built, problems)
+
+
+def _bidirectional_without_inverse(cfg: DictConfig, built, problems: _Problems) -> None:
+    """smc.bidirectional pulls data back by F^-1: refused for a continuous flow (its SMC starts
+    from weighted samples in x and has no latent path to pull back into)."""
+    from bgexp.flows.base import ContinuousFlow
+
+    if OmegaConf.select(cfg, "smc.bidirectional", default=False) and isinstance(built.flow, ContinuousFlow):
+        problems.append("smc.bidirectional: needs a flow with an inverse pass (a coupling flow); "
+                        f"{type(built.flow).__name__} is continuous: set smc.bidirectional=false")
 
 
 def _torus_flow_without_angles(built, name: str, problems: _Problems) -> None:
