@@ -195,7 +195,13 @@ def test_per_state_refinement_with_bidirectional_estimate_recovers_delta_f(rever
     exact = target.exact_delta_f()
     assert estimate["ci_low"] - 0.05 <= exact <= estimate["ci_high"] + 0.05, (estimate, exact)
     assert abs(estimate["value"] - exact) < 0.15
-    assert len(estimate["bar_std"]) == 5 and all(0 < s < 0.3 for s in estimate["bar_std"])
+    assert 0 < estimate["std"] < 0.1
+    replicates = bidir["replicates_interval"]["left->right"]
+    assert len(replicates["bar_std"]) == 5 and all(0 < s < 0.3 for s in replicates["bar_std"])
+    assert replicates["ci_low"] - 0.05 <= exact <= replicates["ci_high"] + 0.05
+    # the pooled std is of the order of the replicates' scatter / sqrt(5)
+    assert 0.3 < estimate["std"] / (np.std(replicates["replicates"], ddof=1) / math.sqrt(5)) < 3
+    assert "work_forward" not in bidir["replicates"][0]["left"]  # works stay out of results.json
     row = bidir["replicates"][0]["right"]
     assert row["n_forward"] == 300 and row["n_reverse"] == 300 and row["n_levels"] >= 1
     assert row["reverse_steps"] == reverse_steps and (row["reverse_step_size"] is None) == (reverse_steps == 0)

@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import Tensor
 
 from bgexp.flows.base import ContinuousFlow
@@ -74,6 +75,7 @@ class SMCSettings:
     bidirectional: bool = False
     n_bidirectional: int | None = None
     reverse_steps: int = 0
+    q_draws: int = 100_000
 
     def __post_init__(self) -> None:
         self.baselines = tuple(self.baselines or ())
@@ -93,6 +95,8 @@ class SMCSettings:
             raise SamplerSettingError(f"smc.max_draw_factor must be >= 1, got {self.max_draw_factor}")
         if self.n_bidirectional is not None and int(self.n_bidirectional) < 2:
             raise SamplerSettingError(f"smc.n_bidirectional must be >= 2 (or null: n_particles), got {self.n_bidirectional}")
+        if int(self.q_draws) != self.q_draws or self.q_draws < 0:
+            raise SamplerSettingError(f"smc.q_draws must be an integer >= 0, got {self.q_draws}")
         if int(self.reverse_steps) != self.reverse_steps or self.reverse_steps < 0:
             raise SamplerSettingError(f"smc.reverse_steps must be an integer >= 0, got {self.reverse_steps}")
         if self.bidirectional and self.per_state is False:
@@ -224,20 +228,21 @@ def _smc(settings: SMCSettings, z0: Tensor, log_w0: Tensor, log_pi0, log_pi1, sp
 
 @torch.no_grad()
 def draw_in_state(path: Pullback, state: Callable[[Tensor], Tensor], n: int, settings: SMCSettings,
-                  generator: torch.Generator) -> tuple[Tensor, Tensor, float]:
-    """Up to n starting particles whose F(z) lies in `state` with their initial log-weights, and the
+                  generator: torch.Generator, min_draws: int = 0) -> tuple[Tensor, Tensor, float, int]:
+    """Up to n starting particles whose F(z) lies in `state` with their initial log-weights, the
     estimate Q = accepted / drawn of the starting distribution's mass there (draws stop at
-    n * max_draw_factor)."""
+    n * max_draw_factor, and go on to at least `min_draws`), and the number drawn."""
     kept, weights, drawn, hits = [], [], 0, 0
-    while hits < n and drawn < n * settings.max_draw_factor:
+    while (hits < n and drawn < n * settings.max_draw_factor) or drawn < min_draws:
         z, log_w0 = path.draw(settings.batch_size, generator)
         mask = state(path.push(z)[0])
         drawn += z.shape[0]
         hits += int(mask.sum())
-        kept.append(z[mask])
-        weights.append(log_w0[mask.cpu()])
+        if sum(k.shape[0] for k in kept) < n:
+            kept.append(z[mask])
+            weights.append(log_w0[mask.cpu()])
     # Q from every draw (the tail beyond n is drawn, counted and not used)
-    return torch.cat(kept)[:n], torch.cat(weights)[:n], hits / drawn
+    return torch.cat(kept)[:n], torch.cat(weights)[:n], hits / drawn, drawn
 
 
 def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSettings,
@@ -249,7 +254,8 @@ def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSett
     n_extra = settings.n_works if settings.bidirectional else 0
     for name, state in states.items():
         t0 = time.perf_counter()  # drawing the starting particles is flow evaluation (model time)
-        z_all, log_w_all, q = draw_in_state(path, state, settings.n_particles + n_extra, settings, generator)
+        z_all, log_w_all, q, drawn = draw_in_state(path, state, settings.n_particles + n_extra, settings, generator,
+                                                   min_draws=settings.q_draws if settings.bidirectional else 0)
         z0, log_w0 = z_all[:settings.n_particles], log_w_all[:settings.n_particles]
         model_s += time.perf_counter() - t0
         if q == 0 or z0.shape[0] < 2:
@@ -266,6 +272,7 @@ def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSett
             t0 = time.perf_counter()
             entry = bidirectional_in_state(path, target, state, settings, result, z_all[settings.n_particles:], q, data,
                                            generator)
+            entry["q"], entry["q_draws"] = q, drawn
             bidir[name] = entry
             evals += entry["n_energy_evals"]
             wall += time.perf_counter() - t0
@@ -296,6 +303,7 @@ def bidirectional_in_state(path: Pullback, target, state: Callable[[Tensor], Ten
     res = bidirectional_ais(z_forward, z_reverse, path.log_pi0, path.restricted_log_pi1(state), path.space,
                             _kernel(settings, path.space), pilot_protocol(result), generator=generator)
     return {"log_z": math.log(q) + res.log_normalizer, "std": res.std,
+            "work_forward": res.work_forward, "work_reverse": res.work_reverse,
             "forward_log_z": math.log(q) + res.forward_log_normalizer,
             "reverse_log_z": math.log(q) + res.reverse_log_normalizer, "forward_ess": res.forward_ess,
             "n_forward": int(z_forward.shape[0]), "n_reverse": int(z_reverse.shape[0]),
@@ -396,17 +404,57 @@ def _delta_f_intervals(names: list[str], log_z: list[dict[str, float]], settings
 
 def _bidirectional_block(names: list[str], replicates: list[dict[str, Any]], settings: SMCSettings,
                          reference) -> dict[str, Any]:
-    """The bidirectional estimates: Delta F with the Student-t interval over replicates, and per
-    replicate and state the BAR std, the one-sided estimates and the particles of each direction."""
+    """The bidirectional estimates.  `delta_f`: BAR on the works of all replicates pooled per state
+    (forward AIS particles are independent, and so are the decorrelated reverse ones), log Z_s =
+    log Q_s + BAR, its std sqrt(std_BAR^2 + (1 - Q_s) / (Q_s n_draws)) (Bennett's asymptotic std and
+    the binomial std of log Q_s from every replicate's draws); a normal interval.  Beside it,
+    `replicates_interval`: the Student-t interval over the replicates' own estimates, a check of
+    that std; per replicate and state the BAR std, the one-sided estimates and the particles."""
+    from bgexp.estimators.free_energy import bar
+
     rows = [r["bidirectional"] for r in replicates]
-    block = {"delta_f": _delta_f_intervals(names, [{k: v["log_z"] for k, v in row.items()} for row in rows],
-                                           settings, reference),
-             "n_energy_evals": int(sum(v["n_energy_evals"] for row in rows for v in row.values())),
-             "replicates": rows}
-    for key, entry in block["delta_f"].items():
+    z = float(stats.norm.ppf(0.5 + settings.confidence / 2))
+    pooled: dict[str, tuple[float, float]] = {}
+    for name in names:
+        wf = np.concatenate([row[name].get("work_forward", np.array([])) for row in rows])
+        wr = np.concatenate([row[name].get("work_reverse", np.array([])) for row in rows])
+        hits = sum(row[name]["q"] * row[name]["q_draws"] for row in rows if "q" in row[name])
+        draws = sum(row[name].get("q_draws", 0) for row in rows)
+        if wf.size < 2 or wr.size < 2 or hits == 0:
+            pooled[name] = (-math.inf, math.nan)
+            continue
+        delta, std = bar(wf, wr)
+        q = hits / draws
+        pooled[name] = (math.log(q) - delta, math.sqrt(std ** 2 + (1 - q) / (q * draws)))
+    delta_f = {}
+    for b in names[1:]:
+        key = f"{names[0]}->{b}"
+        value = -(pooled[b][0] - pooled[names[0]][0])
+        std = math.hypot(pooled[b][1], pooled[names[0]][1])
+        entry: dict[str, Any] = {"value": None, "ci_low": None, "ci_high": None, "std": None,
+                                 "confidence": settings.confidence, "reference": None, "reference_source": None}
+        if math.isfinite(value) and math.isfinite(std):
+            entry.update(value=value, std=std, ci_low=value - z * std, ci_high=value + z * std)
+        ref = reference.delta_f.get(key) if reference else None
+        if ref is not None:
+            entry.update(reference=ref.value, reference_source=ref.source)
+            if entry["value"] is not None:
+                entry["error"] = entry["value"] - ref.value
+                entry["covered"] = bool(entry["ci_low"] <= ref.value <= entry["ci_high"])
+        delta_f[key] = entry
+    per_replicate = _delta_f_intervals(names, [{k: v["log_z"] for k, v in row.items()} for row in rows],
+                                       settings, reference)
+    for key, entry in per_replicate.items():
         a, b = key.split("->")
         entry["bar_std"] = [float(math.hypot(row[a]["std"], row[b]["std"])) for row in rows]
-    return block
+    for row in rows:  # the works stay out of results.json
+        for entry in row.values():
+            entry.pop("work_forward", None)
+            entry.pop("work_reverse", None)
+    return {"delta_f": delta_f, "replicates_interval": per_replicate,
+            "log_z": {k: {"value": v[0], "std": v[1]} for k, v in pooled.items()},
+            "n_energy_evals": int(sum(v["n_energy_evals"] for row in rows for v in row.values())),
+            "replicates": rows}
 
 
 def _interval(values: list[float], confidence: float, reference) -> dict[str, Any]:
