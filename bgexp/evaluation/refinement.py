@@ -22,6 +22,20 @@ estimates the prior's mass there, it estimates Z_s / Q_s; then
 Error bars: independent replicates (each with its own flow samples, Q_s and SMC), a Student-t
 interval over them (bgexp.samplers.replicates).
 
+Bidirectional (`bidirectional`, per state, needs data and an inverse): the one-sided SMC normalizer
+scatters by kT between replicates when the flow is far from the target within a state (its log is
+biased low by ~Var/2).  Equilibrium frames of the state are a second, free source of information:
+pulled back by F^-1 they are exact samples of pi_1, so the SMC's protocol (its b's and adapted
+step sizes, frozen) is run forward from fresh prior particles and backward from the frames, and
+BAR on the two sets of works (Crooks) gives log Z_s / Q_s (bgexp.samplers.bidirectional).  The
+frames must be independent of the flow's fit: a flow trained on them has a higher density at those
+very frames than at fresh samples of the same distribution (measured on the dimer: log q 55 at the
+training frames, ~17 after 600 MALA steps on exp(-u) from them, the energy unchanged), and reverse
+works from them are biased; `reverse_steps` MCMC moves in x on the state's target first make them
+fresh samples (the kernel keeps the target invariant).  For interchangeable particles the frames
+are relabelled into the canonical region (exp(-u) is permutation-invariant); without relabelling,
+MC frames sample a few labellings only and are not samples of the flow's labelled density.
+
 Baselines: `prior` is the same SMC (same settings) without the trained transform (the prior
 pushed through the fixed representation layers only, or used directly in x when there are none);
 `mcmc` runs the same kernel in x from the training data for as many energy evaluations as the
