@@ -55,9 +55,19 @@ def test_smc_refinement_through_train_and_eval(tmp_path):
     # the W&B run (offline) holds the SMC scalars
     assert any(b"final/smc/flow/delta_f" in p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/*.wandb"))
 
-    proc = run_cli("bgexp-eval", [f"run_dir={run_dir}", "n_samples=500", "n_bootstrap=10", *SMALL_SMC], tmp_path)
+    # bgexp-eval with the bidirectional estimate (reverse from the training frames after 5 MALA moves)
+    proc = run_cli("bgexp-eval", [f"run_dir={run_dir}", "n_samples=500", "n_bootstrap=10", *SMALL_SMC,
+                                  "smc.bidirectional=true", "smc.reverse_steps=5", "smc.q_draws=5000"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    _check_block(json.loads(next((run_dir / "eval").glob("*/results.json")).read_text()))
+    assert "Bidirectional AIS + BAR (flow, data): Delta F(left->right)" in proc.stdout
+    results = json.loads(next((run_dir / "eval").glob("*/results.json")).read_text())
+    _check_block(results)
+    bidir = results["smc"]["flow"]["bidirectional"]
+    estimate = bidir["delta_f"]["left->right"]
+    assert estimate["ci_low"] < estimate["value"] < estimate["ci_high"] and abs(estimate["error"]) < 0.5
+    assert len(bidir["replicates_interval"]["left->right"]["replicates"]) == 3
+    assert bidir["replicates"][0]["left"]["reverse_steps"] == 5 and bidir["replicates"][0]["left"]["q_draws"] >= 5000
+    assert 0 < bidir["n_energy_evals"] < results["smc"]["flow"]["n_energy_evals"]
 
 
 @pytest.mark.parametrize("bad, message", [("smc.n_particles=0", "n_particles must be >= 2"),
