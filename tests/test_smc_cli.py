@@ -68,6 +68,9 @@ def test_smc_refinement_through_train_and_eval(tmp_path):
     assert len(bidir["replicates_interval"]["left->right"]["replicates"]) == 3
     assert bidir["replicates"][0]["left"]["reverse_steps"] == 5 and bidir["replicates"][0]["left"]["q_draws"] >= 5000
     assert 0 < bidir["n_energy_evals"] < results["smc"]["flow"]["n_energy_evals"]
+    hist = bidir["work_histograms"]["left"]
+    assert len(hist["edges"]) == 41 and 0 < sum(hist["forward"]) <= 3 * 150 and 0 < sum(hist["reverse"]) <= 3 * 150
+    assert Path(results["figures"]["smc_works"]).is_file()
 
 
 @pytest.mark.parametrize("bad, message", [("smc.n_particles=0", "n_particles must be >= 2"),

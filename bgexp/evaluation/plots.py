@@ -311,3 +311,27 @@ def plot_smc_history(histories: dict[str, dict[str, list]], path: str | Path, ti
     if title:
         ax_b.set_title(title)
     return save_figure(fig, path)
+
+
+def plot_work_distributions(histograms: dict[str, dict[str, list]], path: str | Path, title: str = "") -> Path:
+    """Forward works W_F and negated reverse works -W_R of the bidirectional estimate, one panel per
+    state, with BAR's Delta f marked: Crooks' theorem puts both densities' crossing at Delta f, and
+    BAR is reliable where they overlap (Shirts et al., PRL 91, 140601 (2003))."""
+    fig = new_figure((4.0 * max(len(histograms), 1), 3.4))
+    axes = fig.subplots(1, max(len(histograms), 1), squeeze=False)[0]
+    for ax, (name, h) in zip(axes, histograms.items()):
+        edges = np.asarray(h["edges"])
+        centres, width = 0.5 * (edges[1:] + edges[:-1]), np.diff(edges)
+        for key, label in (("forward", "W_F (from the flow)"), ("reverse", "-W_R (from the data)")):
+            counts = np.asarray(h[key], dtype=float)
+            if counts.sum() > 0:
+                ax.step(centres, counts / (counts.sum() * width), where="mid", label=label)
+        if h.get("delta_f") is not None:
+            ax.axvline(h["delta_f"], color="k", ls="--", lw=1, label="BAR Delta f")
+        ax.set_title(name)
+        ax.set_xlabel("work [kT]")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)

@@ -429,6 +429,7 @@ def _bidirectional_block(names: list[str], replicates: list[dict[str, Any]], set
     rows = [r["bidirectional"] for r in replicates]
     z = float(stats.norm.ppf(0.5 + settings.confidence / 2))
     pooled: dict[str, tuple[float, float]] = {}
+    histograms: dict[str, dict[str, Any]] = {}
     for name in names:
         wf = np.concatenate([row[name].get("work_forward", np.array([])) for row in rows])
         wr = np.concatenate([row[name].get("work_reverse", np.array([])) for row in rows])
@@ -440,6 +441,7 @@ def _bidirectional_block(names: list[str], replicates: list[dict[str, Any]], set
         delta, std = bar(wf, wr)
         q = hits / draws
         pooled[name] = (math.log(q) - delta, math.sqrt(std ** 2 + (1 - q) / (q * draws)))
+        histograms[name] = _work_histogram(wf, wr, delta)
     delta_f = {}
     for b in names[1:]:
         key = f"{names[0]}->{b}"
@@ -467,8 +469,20 @@ def _bidirectional_block(names: list[str], replicates: list[dict[str, Any]], set
             entry.pop("work_reverse", None)
     return {"delta_f": delta_f, "replicates_interval": per_replicate,
             "log_z": {k: {"value": v[0], "std": v[1]} for k, v in pooled.items()},
+            "work_histograms": histograms,
             "n_energy_evals": int(sum(v["n_energy_evals"] for row in rows for v in row.values())),
             "replicates": rows}
+
+
+def _work_histogram(wf: np.ndarray, wr: np.ndarray, delta_f: float, bins: int = 40) -> dict[str, Any]:
+    """Forward works and negated reverse works on shared bins (finite works, 0.5-99.5 percentiles):
+    what the work-distribution figure draws, small enough for results.json."""
+    both = np.concatenate([wf[np.isfinite(wf)], -wr[np.isfinite(wr)]])
+    lo, hi = (np.percentile(both, [0.5, 99.5]) if both.size else (0.0, 1.0))
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+    return {"edges": edges.tolist(), "forward": np.histogram(wf[np.isfinite(wf)], edges)[0].tolist(),
+            "reverse": np.histogram(-wr[np.isfinite(wr)], edges)[0].tolist(),
+            "delta_f": float(delta_f) if math.isfinite(delta_f) else None}
 
 
 def _interval(values: list[float], confidence: float, reference) -> dict[str, Any]:
@@ -532,13 +546,17 @@ def smc_figures(block: dict[str, Any], figure_dir) -> dict[str, str]:
     """The annealing (b and ESS against the level, first replicate) of every SMC in the block."""
     from pathlib import Path
 
-    from bgexp.evaluation.plots import plot_smc_history
+    from bgexp.evaluation.plots import plot_smc_history, plot_work_distributions
 
     figures = {}
     for name in ("flow", *(b for b in block["settings"]["baselines"] if b != "mcmc")):
         path = Path(figure_dir) / f"smc_{name}.png"
         title = f"SMC from the {name}" + (" (per state)" if block[name]["mode"] == "per_state" else "")
         figures[f"smc_{name}"] = str(plot_smc_history(block[name]["history"] or {}, path, title=title))
+    histograms = block["flow"].get("bidirectional", {}).get("work_histograms")
+    if histograms:
+        path = Path(figure_dir) / "smc_works.png"
+        figures["smc_works"] = str(plot_work_distributions(histograms, path, title="Bidirectional AIS: works per state"))
     return figures
 
 
