@@ -221,3 +221,25 @@ def test_bidirectional_settings_that_cannot_work_are_refused():
         SMCSettings(bidirectional=True, reverse_steps=-3)
     with pytest.raises(SamplerSettingError, match="equilibrium data"):
         _check_bidirectional(Pullback(None, None, None, Space(1)), None)
+
+
+def test_a_state_the_flow_never_reaches_has_no_bidirectional_estimate_and_no_crash():
+    from bgexp.evaluation.refinement import Pullback, SMCSettings, refine
+    from bgexp.flows.priors import NormalPrior
+
+    class FarState(_TwoWells):
+        @property
+        def states(self):  # the prior N(0, 1) never reaches x > 40
+            return {"left": lambda x: x[:, 0] < 0, "far": lambda x: x[:, 0] > 40}
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        target = FarState()
+        path = Pullback(NormalPrior(1), None, target.energy, Space(1))
+        settings = SMCSettings(n_particles=50, n_replicates=2, n_steps_per_level=1, cess_target=0.5, bidirectional=True,
+                               q_draws=1000, max_draw_factor=2, baselines=(), progress=False)
+        block = refine(path, target, settings, seed=0, data=target.sample(500, gen(1)))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert block["bidirectional"]["delta_f"]["left->far"]["value"] is None
+    assert block["bidirectional"]["replicates"][0]["far"]["log_z"] == -math.inf

@@ -274,6 +274,8 @@ def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSett
         model_s += time.perf_counter() - t0
         if q == 0 or z0.shape[0] < 2:
             log_z[name], ess[name], levels[name] = -math.inf, 0.0, 0
+            if settings.bidirectional and data is not None:  # no particles: no estimate for this state
+                bidir[name] = {"log_z": -math.inf, "std": math.nan, "q": q, "q_draws": drawn, "n_energy_evals": 0}
             continue
         result = _smc(settings, z0, log_w0, path.log_pi0, path.restricted_log_pi1(state), path.space, generator)
         log_z[name] = math.log(q) + result.log_normalizer
@@ -433,8 +435,8 @@ def _bidirectional_block(names: list[str], replicates: list[dict[str, Any]], set
     for name in names:
         wf = np.concatenate([row[name].get("work_forward", np.array([])) for row in rows])
         wr = np.concatenate([row[name].get("work_reverse", np.array([])) for row in rows])
-        hits = sum(row[name]["q"] * row[name]["q_draws"] for row in rows if "q" in row[name])
-        draws = sum(row[name].get("q_draws", 0) for row in rows)
+        hits = sum(row[name]["q"] * row[name]["q_draws"] for row in rows)
+        draws = sum(row[name]["q_draws"] for row in rows)
         if wf.size < 2 or wr.size < 2 or hits == 0:
             pooled[name] = (-math.inf, math.nan)
             continue
