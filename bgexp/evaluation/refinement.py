@@ -453,13 +453,7 @@ def _bidirectional_block(names: list[str], replicates: list[dict[str, Any]], set
                                  "confidence": settings.confidence, "reference": None, "reference_source": None}
         if math.isfinite(value) and math.isfinite(std):
             entry.update(value=value, std=std, ci_low=value - z * std, ci_high=value + z * std)
-        ref = reference.delta_f.get(key) if reference else None
-        if ref is not None:
-            entry.update(reference=ref.value, reference_source=ref.source)
-            if entry["value"] is not None:
-                entry["error"] = entry["value"] - ref.value
-                entry["covered"] = bool(entry["ci_low"] <= ref.value <= entry["ci_high"])
-        delta_f[key] = entry
+        delta_f[key] = _against_reference(entry, reference.delta_f.get(key) if reference else None)
     per_replicate = _delta_f_intervals(names, [{k: v["log_z"] for k, v in row.items()} for row in rows],
                                        settings, reference)
     for key, entry in per_replicate.items():
@@ -494,6 +488,12 @@ def _interval(values: list[float], confidence: float, reference) -> dict[str, An
     if len(finite) == len(values) and len(values) >= 2:
         mean, low, high, _ = student_t_interval(values, confidence)
         entry.update(value=mean, ci_low=low, ci_high=high)
+    return _against_reference(entry, reference)
+
+
+def _against_reference(entry: dict[str, Any], reference) -> dict[str, Any]:
+    """The entry with the reference, and (when it has a value) its error and whether its interval
+    covers the reference."""
     if reference is not None:
         entry.update(reference=reference.value, reference_source=reference.source)
         if entry["value"] is not None:
