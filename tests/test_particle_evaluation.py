@@ -16,7 +16,7 @@ pytest.importorskip("torchdyn", reason="torchdyn is installed with `pip install 
 from bgexp.flows.cnf import EquivariantCNF  # noqa: E402
 from bgexp.flows.priors import MeanFreeNormalPrior  # noqa: E402
 from bgexp.targets.particles import DoubleWell4  # noqa: E402
-from bgexp.evaluation import evaluate, wasserstein_1  # noqa: E402
+from bgexp.evaluation import evaluate, wasserstein_1, wasserstein_2  # noqa: E402
 from bgexp.training.flow_matching import FlowMatchingLoss  # noqa: E402
 from bgexp.training.module import BoltzmannGenerator  # noqa: E402
 
@@ -32,6 +32,29 @@ def test_wasserstein_1_of_a_shift_and_of_weights():
     assert wasserstein_1(np.array([np.nan]), np.array([1.0])) is None
 
 
+def test_wasserstein_2_against_sorted_pairs_repetition_and_gaussians():
+    g = np.random.default_rng(1)
+    x, y = g.normal(size=40), g.normal(1.0, 2.0, size=40)
+    # equal sizes, equal weights: the optimal coupling pairs the sorted values
+    assert wasserstein_2(x, y) == pytest.approx(math.sqrt(np.mean((np.sort(x) - np.sort(y)) ** 2)), rel=1e-12)
+    # unequal sizes: 3 and 2 values, each repeated to 6 (an equal-size problem with the same measures)
+    a, b = g.normal(size=3), g.normal(size=2)
+    brute = math.sqrt(np.mean((np.sort(np.repeat(a, 2)) - np.sort(np.repeat(b, 3))) ** 2))
+    assert wasserstein_2(a, b) == pytest.approx(brute, rel=1e-12)
+    # integer weights are repetitions, on either side
+    v, w = np.array([2.0, -1.0, 0.5]), np.array([3.0, 1.0, 2.0])
+    assert wasserstein_2(x, v, w) == pytest.approx(wasserstein_2(x, np.repeat(v, [3, 1, 2])), rel=1e-12)
+    assert wasserstein_2(v, x, reference_weights=w) == pytest.approx(wasserstein_2(x, v, w), rel=1e-12)
+    # two Gaussians: W2^2 = (m1 - m2)^2 + (s1 - s2)^2
+    big_a, big_b = g.normal(0.0, 1.0, 200_000), g.normal(0.5, 2.0, 200_000)
+    assert wasserstein_2(big_a, big_b) == pytest.approx(math.sqrt(0.25 + 1.0), abs=0.01)
+    # W2 >= W1, non-finite values left out, nothing left gives None
+    assert wasserstein_2(x, y) >= wasserstein_1(x, y)
+    assert wasserstein_2(np.array([0.0, np.inf]), np.array([3.0, np.nan])) == pytest.approx(3.0)
+    assert wasserstein_2(np.array([np.nan]), np.array([1.0])) is None
+    assert wasserstein_2(np.zeros(2), np.ones(2), np.zeros(2)) is None
+
+
 def test_evaluation_of_a_cnf_on_dw4_reports_nfe_and_distances(tmp_path):
     torch.manual_seed(0)
     target = DoubleWell4()
@@ -45,6 +68,8 @@ def test_evaluation_of_a_cnf_on_dw4_reports_nfe_and_distances(tmp_path):
     assert m["sampling_s_per_1000"] > 0
     u_data = target.energy(data).double().numpy()
     assert m["energy_w1_flow"] == pytest.approx(wasserstein_distance(u_data, result.samples["energy"]), rel=1e-9)
+    assert m["energy_w2_flow"] == pytest.approx(wasserstein_2(u_data, result.samples["energy"]), rel=1e-9)
+    assert m["energy_w2_flow"] >= m["energy_w1_flow"] and "energy_w2_reweighted" in m
     d_data = target.pair_distances(data).double().numpy().reshape(-1)
     d_flow = target.pair_distances(torch.as_tensor(result.samples["x"])).numpy().reshape(-1)
     assert m["distribution/pair_distance/w1_flow"] == pytest.approx(wasserstein_distance(d_data, d_flow), rel=1e-6)

@@ -42,6 +42,15 @@ def _check_block(results: dict) -> None:
     estimate = mcmc["delta_f"]["left->right"]
     assert len(estimate["replicates"]) == 3 and math.isfinite(estimate["value"])
     assert abs(sum(mcmc["populations"].values()) - 1) < 1e-9
+    # SMC from the prior at the same budget: a cap per run (3 replicates x 2 states), reported
+    prior = block["prior"]
+    assert prior["budget"] == mcmc["budget"] and prior["max_energy_evals_per_run"] == max(prior["budget"] // 6, 150 * 6)
+    assert prior["n_energy_evals"] <= 6 * prior["max_energy_evals_per_run"] and prior["budget_stops"] >= 0
+    # energy W2 to the held-out frames: every sampler's, and that of training frames of the same size
+    for source in ("flow", "prior"):
+        w2 = block[source]["energy_w2"]
+        assert len(w2["replicates"]) == 3 and all(0 <= v < 5 for v in w2["replicates"])
+    assert 0 <= mcmc["energy_w2"] < 5 and block["data_energy_w2"]["n_frames"] == 150
     assert Path(results["figures"]["smc_flow"]).is_file() and Path(results["figures"]["smc_prior"]).is_file()
 
 

@@ -25,7 +25,7 @@ import torch
 
 from bgexp.evaluation import metrics as m
 from bgexp.evaluation.figures import draw_figures
-from bgexp.evaluation.metrics import data_nll, force_matching_error, quadrature_kl_of, wasserstein_1
+from bgexp.evaluation.metrics import data_nll, force_matching_error, quadrature_kl_of, wasserstein_1, wasserstein_2
 from bgexp.evaluation.samples import GeneratorModel, SampleSet, draw_samples, sample_set
 
 
@@ -76,7 +76,7 @@ def evaluate(
         **m.quadrature_metrics(samples, target, bg, quadrature_points, batch_size),
         **m.heldout_nll(samples, target, bg),
         **m.force_matching(samples, target, bg, batch_size),
-        **m.energy_w1(samples), **m.distribution_w1(samples, target),
+        **m.energy_w1(samples), **m.energy_w2(samples), **m.distribution_w1(samples, target),
     }
     figures = {}
     if figure_dir is not None:
@@ -85,5 +85,5 @@ def evaluate(
                       problem=samples.zero_weight_problem)
 
 
-__all__ = ["evaluate", "Evaluation", "draw_samples", "data_nll", "wasserstein_1", "quadrature_kl_of",
+__all__ = ["evaluate", "Evaluation", "draw_samples", "data_nll", "wasserstein_1", "wasserstein_2", "quadrature_kl_of",
            "force_matching_error", "GeneratorModel", "SampleSet", "sample_set", "draw_figures"]

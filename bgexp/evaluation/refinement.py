@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -54,6 +54,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
+from bgexp.evaluation.metrics import wasserstein_2
 from bgexp.flows.base import ContinuousFlow
 from bgexp.samplers import HMC, MALA, SMCResult, smc
 from bgexp.samplers.bidirectional import bidirectional_ais, pilot_protocol
@@ -265,6 +266,8 @@ def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSett
     ``settings.bidirectional`` and `data`, also the bidirectional estimate of every log Z_s."""
     log_z, ess, evals, levels, wall, model_s, history = {}, {}, 0, {}, 0.0, 0.0, {}
     bidir: dict[str, dict[str, float]] = {}
+    finals: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    budget_stops = 0
     n_extra = settings.n_works if settings.bidirectional else 0
     for name, state in states.items():
         t0 = time.perf_counter()  # drawing the starting particles is flow evaluation (model time)
@@ -279,6 +282,8 @@ def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSett
             continue
         result = _smc(settings, z0, log_w0, path.log_pi0, path.restricted_log_pi1(state), path.space, generator)
         log_z[name] = math.log(q) + result.log_normalizer
+        budget_stops += int(result.budget_exhausted)
+        finals[name] = final_energies(path, result)
         ess[name], levels[name] = result.ess, result.n_levels
         history[name] = result.history_table()
         evals += result.n_energy_evals
@@ -294,7 +299,7 @@ def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSett
             wall += time.perf_counter() - t0
             model_s += entry.pop("model_s")
     out = {"log_z": log_z, "ess": ess, "n_energy_evals": evals, "levels": levels, "wall_s": wall,
-           "model_s": model_s, "history": history}
+           "model_s": model_s, "history": history, "final": _mix_states(finals, log_z), "budget_stops": budget_stops}
     if bidir:
         out["bidirectional"] = bidir
     return out
@@ -364,6 +369,7 @@ def run_global(path: Pullback, states: dict[str, Callable], settings: SMCSetting
     with torch.no_grad():
         x = path.push(result.y)[0]
     draw_s += time.perf_counter() - t0
+    final = final_energies(path, result, x)
     log_w = result.log_weights.numpy()
     log_z = {}
     for name, state in states.items():
@@ -372,15 +378,38 @@ def run_global(path: Pullback, states: dict[str, Callable], settings: SMCSetting
         log_z[name] = float(np.logaddexp.reduce(share) - math.log(len(log_w))) if share.size else -math.inf
     return {"log_z": log_z, "log_normalizer": result.log_normalizer, "ess": {"all": result.ess},
             "n_energy_evals": result.n_energy_evals, "levels": {"all": result.n_levels}, "wall_s": result.wall_s,
-            "model_s": result.model_s + draw_s, "history": {"all": result.history_table()}}
+            "model_s": result.model_s + draw_s, "history": {"all": result.history_table()}, "final": final,
+            "budget_stops": int(result.budget_exhausted)}
+
+
+@torch.no_grad()
+def final_energies(path: Pullback, result: SMCResult, x: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The final particles' reduced energies u(F(z)) and self-normalised final weights (before any
+    last resampling): the SMC's estimate of the target's energy distribution. The N energies are a
+    metric's (the energy W2), not the estimator's, and are not counted in the budget."""
+    x = path.push(result.y)[0] if x is None else x
+    return path.energy(x).double().cpu().numpy(), result.normalized_weights()
+
+
+def _mix_states(finals: dict[str, tuple[np.ndarray, np.ndarray]], log_z: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-state final energies and weights combined into one weighted sample of the whole target:
+    state s enters with its estimated probability Z_s / sum_t Z_t."""
+    if not finals:
+        return np.zeros(0), np.zeros(0)
+    names = list(finals)
+    log_p = np.array([log_z[n] for n in names])
+    p = np.exp(log_p - np.logaddexp.reduce(log_p))
+    return (np.concatenate([finals[n][0] for n in names]),
+            np.concatenate([p_s * finals[n][1] for p_s, n in zip(p, names)]))
 
 
 # replicates and the results block ---------------------------------------------------------------
 def refine(path: Pullback, target, settings: SMCSettings, seed: int, reference=None,
-           data: Tensor | None = None) -> dict[str, Any]:
+           data: Tensor | None = None, heldout_u: np.ndarray | None = None) -> dict[str, Any]:
     """`n_replicates` independent runs (per state or global) and their Delta F with Student-t
     intervals against the target's reference: the block results.json stores under smc/<name>.
-    With ``settings.bidirectional`` and `data` (per state), a `bidirectional` sub-block too."""
+    With ``settings.bidirectional`` and `data` (per state), a `bidirectional` sub-block too; with
+    held-out energies `heldout_u`, the energy W2 of every replicate's final weighted particles."""
     states = dict(target.states)
     per_state = settings.per_state if settings.per_state is not None else len(states) > 1
     start = time.perf_counter()
@@ -398,11 +427,14 @@ def refine(path: Pullback, target, settings: SMCSettings, seed: int, reference=N
         "log_normalizer": _interval([r["log_normalizer"] for r in replicates], settings.confidence, None)}
     if all("bidirectional" in r for r in replicates):
         extra["bidirectional"] = _bidirectional_block(names, replicates, settings, reference)
+    if heldout_u is not None:
+        extra["energy_w2"] = _interval([_energy_w2(heldout_u, *r["final"]) for r in replicates], settings.confidence, None)
     return {"mode": "per_state" if per_state else "global", "delta_f": delta_f, **extra,
             "ess": _mean_dicts([r["ess"] for r in replicates]),
             "n_energy_evals": int(sum(r["n_energy_evals"] for r in replicates)), "wall_s": wall,
             "overhead_fraction": max(0.0, 1.0 - model_s / wall) if wall > 0 else None,
             "levels": _mean_dicts([r["levels"] for r in replicates]),
+            "budget_stops": int(sum(r["budget_stops"] for r in replicates)),
             "replicates": [{k: r[k] for k in ("log_z", "ess", "n_energy_evals", "levels")} for r in replicates],
             "history": replicates[0]["history"]}
 
@@ -502,17 +534,26 @@ def _against_reference(entry: dict[str, Any], reference) -> dict[str, Any]:
     return entry
 
 
+def _energy_w2(heldout_u: np.ndarray, u: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """W2 between the held-out frames' energies and a (weighted) sample's; NaN where undefined."""
+    value = wasserstein_2(heldout_u, u, weights)
+    return math.nan if value is None else value
+
+
 def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
 
-def mcmc_from_data(target, data: Tensor, budget: int, settings: SMCSettings, seed: int) -> dict[str, Any]:
+def mcmc_from_data(target, data: Tensor, budget: int, settings: SMCSettings, seed: int,
+                   heldout_u: np.ndarray | None = None) -> dict[str, Any]:
     """The equal-budget MCMC baseline: `settings.kernel` chains in x on exp(-u), started from
     training frames (n_particles chains, or fewer frames), run for `budget` energy evaluations in
     all; the first fifth of the steps adapt the step size and are excluded. Delta F(a -> b) =
     -ln(p_b / p_a) from the time-averaged state populations; the chains are split into
     n_replicates groups and the groups' estimates give a Student-t interval (chains started in a
-    state they never leave make that interval honest about the start, not about equilibrium)."""
+    state they never leave make that interval honest about the start, not about equilibrium). With
+    held-out energies, the energy W2 of the chains' final states (n_particles chains: as many
+    configurations as one SMC replicate has particles)."""
     n_chains = min(int(settings.n_particles), int(data.shape[0]))
     kernel = KERNELS[settings.kernel](target.space, step_size=float(settings.step_size))
     n_steps = int(budget) // (n_chains * kernel.evals_per_step)
@@ -539,9 +580,42 @@ def mcmc_from_data(target, data: Tensor, budget: int, settings: SMCSettings, see
                           - torch.log(counts[groups == g, 0].sum()))) for g in range(int(settings.n_replicates))]
         reference = target.reference.delta_f.get(key) if target.reference else None
         delta_f[key] = _interval(values, settings.confidence, reference)
-    return {"delta_f": delta_f, "n_chains": n_chains, "n_steps": n_steps, "step_size": kernel.step_size,
-            "n_energy_evals": n_chains * n_steps * kernel.evals_per_step, "wall_s": time.perf_counter() - start,
-            "populations": {k: float(counts[:, i].sum() / counts.sum()) for i, k in enumerate(names)}}
+    out = {"delta_f": delta_f, "n_chains": n_chains, "n_steps": n_steps, "step_size": kernel.step_size,
+           "n_energy_evals": n_chains * n_steps * kernel.evals_per_step, "wall_s": time.perf_counter() - start,
+           "populations": {k: float(counts[:, i].sum() / counts.sum()) for i, k in enumerate(names)}}
+    if heldout_u is not None:
+        out["energy_w2"] = _energy_w2(heldout_u, (-state.log_prob).double().cpu().numpy())
+    return out
+
+
+def equal_budget(settings: SMCSettings, budget: int, target) -> SMCSettings:
+    """The settings of SMC from the prior at the flow's budget: `budget` energy evaluations (the
+    flow's training + evaluation + SMC) shared over its runs (replicates, times states when per
+    state), each run's cap no higher than ``settings.max_energy_evals`` and no lower than one level
+    (the initial evaluation and one level of moves: the least an SMC run can do). A run that
+    reaches its cap reweights straight to b = 1 (bgexp.samplers.smc) and counts in `budget_stops`."""
+    per_state = settings.per_state if settings.per_state is not None else len(target.states) > 1
+    n_runs = int(settings.n_replicates) * (len(target.states) if per_state else 1)
+    one_level = int(settings.n_particles) * (1 + int(settings.n_steps_per_level) * _kernel(settings, target.space).evals_per_step)
+    cap = max(int(budget) // n_runs, one_level)
+    if settings.max_energy_evals is not None:
+        cap = min(cap, int(settings.max_energy_evals))
+    return replace(settings, max_energy_evals=cap)
+
+
+@torch.no_grad()
+def data_energy_w2(target, data: Tensor, heldout_u: np.ndarray, settings: SMCSettings, seed: int) -> dict[str, Any]:
+    """The energy W2 of `n_replicates` disjoint sets of n_particles training frames against the
+    held-out frames: with equilibrium data, what an exact sampler of one replicate's size gets (the
+    floor set by the two samples' finite size, against which the samplers' W2 is read); with
+    biased data, how far the data themselves are."""
+    n = min(int(settings.n_particles), int(data.shape[0]) // int(settings.n_replicates))
+    if n < 2:
+        return {"skipped": f"{data.shape[0]} training frames for {settings.n_replicates} sets"}
+    order = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(int(seed) + 1))
+    values = [_energy_w2(heldout_u, target.energy(data[order[r * n:(r + 1) * n]]).double().cpu().numpy())
+              for r in range(int(settings.n_replicates))]
+    return {"n_frames": n, **_interval(values, settings.confidence, None)}
 
 
 def smc_figures(block: dict[str, Any], figure_dir) -> dict[str, str]:
@@ -579,25 +653,34 @@ def _canonical(target, data: Tensor) -> Tensor:
     return data if relabelling is None else relabelling.canonicalize(data)
 
 
-def smc_block(model, settings: SMCSettings, seed: int, data: Tensor | None = None) -> dict[str, Any]:
+def smc_block(model, settings: SMCSettings, seed: int, data: Tensor | None = None,
+              heldout: Tensor | None = None) -> dict[str, Any]:
     """results.json's `smc` block: the refinement from the flow, the configured SMC baselines and,
     with training `data` and "mcmc" among the baselines, MCMC from the data at the flow's whole
-    budget (training + importance-sampling evaluation + SMC energy evaluations). The model is in
-    evaluation mode meanwhile."""
+    budget (training + importance-sampling evaluation + SMC energy evaluations). With `heldout`
+    frames, each gains `energy_w2`: W2 between the held-out energies and its final configurations'
+    (weighted). The model is in evaluation mode meanwhile."""
     was_training = model.training
     model.eval()
     block: dict[str, Any] = {"settings": asdict(settings)}
     try:
         paths = pullbacks(model)
+        heldout_u = None if heldout is None else model.target.energy(heldout).double().cpu().numpy()
         if settings.bidirectional:
             _check_bidirectional(paths["flow"], data)
             data = _canonical(model.target, data)
-        for name in ("flow", *(b for b in settings.baselines if b != "mcmc")):
-            block[name] = refine(paths[name], model.target, settings, seed, model.target.reference,
-                                 data=data if name == "flow" else None)
+        block["flow"] = refine(paths["flow"], model.target, settings, seed, model.target.reference, data=data,
+                               heldout_u=heldout_u)
+        budget = model.n_energy_evals_train + model.n_energy_evals_eval + block["flow"]["n_energy_evals"]
+        if "prior" in settings.baselines:
+            capped = equal_budget(settings, budget, model.target)
+            block["prior"] = {"budget": int(budget), "max_energy_evals_per_run": capped.max_energy_evals,
+                              **refine(paths["prior"], model.target, capped, seed, model.target.reference,
+                                       heldout_u=heldout_u)}
         if "mcmc" in settings.baselines and data is not None:
-            budget = model.n_energy_evals_train + model.n_energy_evals_eval + block["flow"]["n_energy_evals"]
-            block["mcmc"] = {"budget": int(budget), **mcmc_from_data(model.target, data, budget, settings, seed)}
+            block["mcmc"] = {"budget": int(budget), **mcmc_from_data(model.target, data, budget, settings, seed, heldout_u)}
+        if heldout_u is not None and data is not None:
+            block["data_energy_w2"] = data_energy_w2(model.target, data, heldout_u, settings, seed)
     finally:
         model.train(was_training)
     return block

@@ -7,6 +7,8 @@ targets), figures, and the W&B summary.
 
 from __future__ import annotations
 
+import math
+
 import time
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,8 @@ class BoltzmannGeneratorTask(Task):
         if synced is not None:
             model.n_energy_evals_train = max(model.n_energy_evals_train, int(float(synced)))
         evaluation = final_evaluation(cfg, model, datamodule.x_val, fit.run_dir, forces=datamodule.f_val)
-        refined = refine_by_smc(cfg, model, evaluation, fit.run_dir / "figures", data=datamodule.x_train)
+        refined = refine_by_smc(cfg, model, evaluation, fit.run_dir / "figures", data=datamodule.x_train,
+                                heldout=_final_heldout(cfg, datamodule.x_val))
         temperatures = evaluate_at_temperatures(cfg, model, fit.run_dir / "figures")
         if temperatures:
             refined["temperatures"] = temperatures
@@ -104,7 +107,8 @@ class BoltzmannGeneratorTask(Task):
             evaluation = evaluate(model, n_samples=settings.n_samples, batch_size=settings.batch_size,
                                   n_bootstrap=settings.n_bootstrap, confidence=settings.confidence, data=data,
                                   figure_dir=out_dir / "figures")
-            refined = refine_by_smc(settings, model, evaluation, out_dir / "figures", data=datamodule.x_train)
+            refined = refine_by_smc(settings, model, evaluation, out_dir / "figures", data=datamodule.x_train,
+                                    heldout=data)
             files = {"checkpoint": str(ckpt), "data": datamodule.source}
             results = results_of(run_cfg, model, evaluation, time.time() - start, files,
                                  {"evaluated_from": str(run_dir), **refined})
@@ -136,14 +140,20 @@ class BoltzmannGeneratorTask(Task):
 
 
 # pieces of finish ----------------------------------------------------------------------------------
+def _final_heldout(cfg: DictConfig, data: torch.Tensor | None) -> torch.Tensor | None:
+    """The held-out frames of the final evaluation: the first `evaluation.final_n_data` (None: all)."""
+    n_data = cfg.evaluation.get("final_n_data")
+    return data if data is None or n_data is None else data[: int(n_data)]
+
+
 def final_evaluation(cfg: DictConfig, model: BoltzmannGenerator, data: torch.Tensor | None,
                      run_dir: Path, forces: torch.Tensor | None = None) -> Evaluation:
     """The final evaluation; `forces` (the reduced forces of `data`) add the force-matching error."""
     ev = cfg.evaluation
-    n_data = ev.get("final_n_data")  # held-out frames for the NLL and the histograms (None: all)
-    if data is not None and n_data is not None:
-        data = data[: int(n_data)]
-        forces = None if forces is None else forces[: int(n_data)]
+    heldout = _final_heldout(cfg, data)  # held-out frames for the NLL and the histograms
+    if forces is not None and data is not None and heldout.shape[0] < data.shape[0]:
+        forces = forces[: heldout.shape[0]]
+    data = heldout
     return evaluate(model, n_samples=ev.final_n_samples, batch_size=ev.batch_size,
                     n_bootstrap=ev.final_n_bootstrap, confidence=ev.confidence, data=data,
                     figure_dir=run_dir / "figures", forces=forces)
@@ -161,13 +171,14 @@ def smc_settings(cfg: DictConfig) -> SMCSettings | None:
 
 
 def refine_by_smc(cfg: DictConfig, model: BoltzmannGenerator, evaluation: Evaluation, figure_dir: Path,
-                  data: torch.Tensor | None = None) -> dict:
+                  data: torch.Tensor | None = None, heldout: torch.Tensor | None = None) -> dict:
     """The `smc` block of results.json (empty when smc is off; `data`: the training frames the MCMC
-    baseline starts from); its figures join the evaluation's."""
+    baseline starts from; `heldout`: frames whose energies the samplers' energy W2 is measured
+    against); its figures join the evaluation's."""
     settings = smc_settings(cfg)
     if settings is None:
         return {}
-    block = smc_block(model, settings, seed=int(cfg.seed), data=data)
+    block = smc_block(model, settings, seed=int(cfg.seed), data=data, heldout=heldout)
     evaluation.figures.update(smc_figures(block, figure_dir))
     return {"smc": block}
 
@@ -249,6 +260,11 @@ def smc_scalars(block: dict[str, Any] | None) -> dict[str, float]:
             scalars[f"final/smc/{source}/ess/{state}"] = float(value)
         if "n_energy_evals" in entry:
             scalars[f"final/smc/{source}/energy_evals"] = float(entry["n_energy_evals"])
+        w2 = entry.get("energy_w2")
+        if w2 is not None:  # an interval over replicates (SMC) or one value (MCMC)
+            value = w2["value"] if isinstance(w2, dict) else w2
+            if value is not None and math.isfinite(value):
+                scalars[f"final/smc/{source}/energy_w2"] = float(value)
         for name, estimate in entry.get("bidirectional", {}).get("delta_f", {}).items():
             for key in ("value", "ci_low", "ci_high", "error"):
                 if estimate.get(key) is not None:
@@ -269,6 +285,10 @@ def _smc_lines(block: dict[str, Any]) -> list[str]:
             if e.get("reference") is not None:
                 text += f"; reference {e['reference']:.3f} kT"
             lines.append(f"{text} ({'final ESS ' + ess + '; ' if ess else ''}{entry['n_energy_evals']} energy evaluations)")
+        w2 = entry.get("energy_w2")
+        if w2 is not None:
+            lines.append(f"{labels[source]}: {_w2_text(w2)}" + ("" if entry.get("delta_f") else
+                         f" ({'final ESS ' + ess + '; ' if ess else ''}{entry['n_energy_evals']} energy evaluations)"))
         for name, e in entry.get("bidirectional", {}).get("delta_f", {}).items():
             text = (f"Bidirectional AIS + BAR (flow, data): Delta F({name}) = {e['value']:.3f} kT, "
                     f"{100 * e['confidence']:.0f}% CI [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
@@ -277,6 +297,16 @@ def _smc_lines(block: dict[str, Any]) -> list[str]:
                 text += f"; reference {e['reference']:.3f} kT"
             lines.append(f"{text} ({entry['bidirectional']['n_energy_evals']} energy evaluations)")
     return lines
+
+
+def _w2_text(w2: dict[str, Any] | float) -> str:
+    """The energy W2 to the held-out frames: an interval over SMC replicates, or the MCMC's one value."""
+    if isinstance(w2, dict):
+        if w2.get("value") is None or not math.isfinite(w2["value"]):
+            return "energy W2 to held-out data undefined"
+        return (f"energy W2 to held-out data {w2['value']:.3f} kT, {100 * w2['confidence']:.0f}% CI "
+                f"[{w2['ci_low']:.3f}, {w2['ci_high']:.3f}] over {len(w2['replicates'])} replicates")
+    return "energy W2 to held-out data " + (f"{w2:.3f} kT" if math.isfinite(w2) else "undefined")
 
 
 def print_summary(path: Path, results: dict[str, Any], wandb_dir: str | None) -> None:
@@ -293,6 +323,9 @@ def print_summary(path: Path, results: dict[str, Any], wandb_dir: str | None) ->
         lines.append(text)
     if results.get("smc"):
         lines += _smc_lines(results["smc"])
+        floor = results["smc"].get("data_energy_w2")
+        if floor and "value" in floor:
+            lines.append(f"Training frames ({floor['n_frames']} per set): {_w2_text(floor)}")
     if results.get("nll_test") is not None:
         lines.append(f"NLL (held-out data): {results['nll_test']:.3f}")
     lines.append(f"results: {path}")
