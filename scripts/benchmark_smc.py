@@ -127,6 +127,7 @@ def rows_of(results: dict, n_particles: int, training: dict, path: Path) -> list
         # the evaluation's wall time less its SMC and MCMC (model loading and importance sampling)
         "wall_s": max(0.0, results["wall_s"] - smc_walls),
         "wall_s_with_training": training["wall_s"] + max(0.0, results["wall_s"] - smc_walls),
+        "energy_w2": w2_entry(results.get("metrics", {}).get("energy_w2_reweighted")),
         "overhead_fraction": None, "results": str(path), "note": None}]
     for source in ("flow", "prior"):
         entry = block.get(source)
@@ -144,6 +145,7 @@ def rows_of(results: dict, n_particles: int, training: dict, path: Path) -> list
             "ess": entry.get("ess"), "wall_s": entry["wall_s"],
             "wall_s_with_training": entry["wall_s"] + (training["wall_s"] if source == "flow" else 0.0),
             "overhead_fraction": entry.get("overhead_fraction"), "mode": entry.get("mode"),
+            "energy_w2": w2_entry(entry.get("energy_w2")), "budget_stops": entry.get("budget_stops"),
             "results": str(path), "note": None})
     mcmc = block.get("mcmc")
     if mcmc is not None:
@@ -153,14 +155,27 @@ def rows_of(results: dict, n_particles: int, training: dict, path: Path) -> list
             "delta_f": {k: estimate(v) for k, v in (mcmc.get("delta_f") or {}).items()}, "log_normalizer": None,
             "ess": None, "wall_s": mcmc.get("wall_s"), "wall_s_with_training": mcmc.get("wall_s"),
             "overhead_fraction": None, "n_chains": mcmc.get("n_chains"), "n_steps": mcmc.get("n_steps"),
-            "populations": mcmc.get("populations"), "results": str(path), "note": mcmc.get("skipped")})
+            "populations": mcmc.get("populations"), "energy_w2": w2_entry(mcmc.get("energy_w2")),
+            "results": str(path), "note": mcmc.get("skipped")})
     return rows
+
+
+def w2_entry(w2) -> dict | None:
+    """The energy W2 to the held-out frames as an interval entry: SMC's over replicates as it is,
+    a single value (IS, MCMC) without an interval; None when absent or undefined."""
+    if isinstance(w2, dict):
+        return w2 if w2.get("value") is not None else None
+    if w2 is None or w2 != w2:  # NaN
+        return None
+    return {"value": float(w2), "ci_low": None, "ci_high": None}
 
 
 # report -------------------------------------------------------------------------------------------
 def interval(e: dict | None) -> str:
     if not e or e.get("value") is None:
         return "n/a"
+    if e.get("ci_low") is None:
+        return fmt(e["value"])
     return f"{fmt(e['value'])} [{fmt(e['ci_low'])}, {fmt(e['ci_high'])}]"
 
 
@@ -177,6 +192,9 @@ def markdown_table(rows: list[dict], pairs: list[str], references: dict) -> list
                      f"error ({pair}) [kT]", f"covered ({pair})"]
     else:
         head += ["log Z, 95% CI (no two states: no Delta F)"]
+    with_w2 = any(r.get("energy_w2") for r in rows)
+    if with_w2:
+        head += ["energy W2 to held-out [kT], 95% CI"]
     head += ["final ESS", "wall [s]", "wall with training [s]", "SMC overhead"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -191,6 +209,8 @@ def markdown_table(rows: list[dict], pairs: list[str], references: dict) -> list
                 cells += [interval(e), fmt((e or {}).get("error")), covered(e)]
         else:
             cells += [interval(r["log_normalizer"]) if r["log_normalizer"] else "n/a"]
+        if with_w2:
+            cells += [interval(r.get("energy_w2"))]
         ess = r["ess"]
         cells += ["n/a" if not ess else ", ".join(f"{k} {100 * v:.1f}%" for k, v in ess.items()),
                   fmt(r["wall_s"], 1), fmt(r["wall_s_with_training"], 1),
@@ -203,7 +223,8 @@ def markdown_table(rows: list[dict], pairs: list[str], references: dict) -> list
 
 def plot(rows: list[dict], pairs: list[str], path: Path, title: str) -> Path:
     """|Delta F error| (CI half-width as error bars) against energy evaluations, log x; without a
-    state pair (or without a reference) the CI half-width of log Z (or of Delta F) instead."""
+    state pair the energy W2 to the held-out frames where the rows have it (the CI half-width over
+    replicates as error bars), else the CI half-width of log Z (or of Delta F without a reference)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,10 +240,15 @@ def plot(rows: list[dict], pairs: list[str], path: Path, title: str) -> Path:
             for r in rows:
                 if r["method"] != method or not r["n_energy_evals"]:
                     continue
-                e = r["delta_f"].get(pair) if pair else r["log_normalizer"]
+                use_w2 = pair is None and any(q.get("energy_w2") for q in rows)
+                e = r["delta_f"].get(pair) if pair else (r.get("energy_w2") if use_w2 else r["log_normalizer"])
                 if not e or e.get("value") is None:
                     continue
                 half = (e["ci_high"] - e["ci_low"]) / 2 if e.get("ci_low") is not None else 0.0
+                if use_w2:
+                    ylabel = "energy W2 to held-out data [kT]"
+                    points.append((r["n_energy_evals"], e["value"], half))
+                    continue
                 y = abs(e["error"]) if e.get("error") is not None else half
                 if e.get("error") is None:
                     ylabel = "CI half-width [kT]" if pair else "log Z CI half-width"
@@ -277,7 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "smc" not in results:
             raise SystemExit(f"{path}: no smc block (was smc switched off?)")
         evaluations.append({"n_particles": n, "results": str(path), "wall_s": results["wall_s"],
-                            "n_energy_evals": results["n_energy_evals"], "smc_settings": results["smc"]["settings"]})
+                            "n_energy_evals": results["n_energy_evals"], "smc_settings": results["smc"]["settings"],
+                            "data_energy_w2": results["smc"].get("data_energy_w2")})
         batch = rows_of(results, n, training, path)
         rows += [r for r in batch if r["method"] != "is" or not any(q["method"] == "is" for q in rows)]
 
@@ -306,7 +333,12 @@ def main(argv: list[str] | None = None) -> dict:
                ("importance samples per evaluation", str(args.n_samples), ""),
                ("training wall time", f"{training['wall_s']:.1f} s", "")]
     if not pairs:
-        summary.append(("Delta F", "none: the target has no two states; log Z of the SMC instead", ""))
+        summary.append(("Delta F", "none: the target has no two states; log Z of the SMC and the energy W2 instead", ""))
+    for e in evaluations:
+        floor = e["data_energy_w2"]
+        if floor and floor.get("value") is not None:
+            summary.append((f"energy W2 of {floor['n_frames']} training frames against the held-out frames "
+                            f"(the finite-sample floor at {e['n_particles']} particles)", interval(floor), ""))
     write_report(out_dir, f"SMC cost to accuracy: {experiment}", row, summary)
     extra = ["", "## Cost to accuracy", "",
              ("Energy evaluations as the results state them: IS = training + evaluation; SMC from the flow = "

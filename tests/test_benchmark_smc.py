@@ -61,6 +61,13 @@ def test_benchmark_smc_on_the_torus(tmp_path):
     assert "Machine: " in md and "threads" in md and "bgexp-eval run_dir=" in md
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert any("Delta F(left->right)" in line and "energy evaluations" in line for line in table)
+    # the energy W2 to the held-out frames: every row has it (SMC over replicates, IS and MCMC one value)
+    assert any("energy W2 to held-out" in line for line in table)
+    for row in rows:
+        w2 = row["energy_w2"]
+        assert w2 is not None and 0 <= w2["value"] < 5, row["method"]
+        assert (w2["ci_low"] is None) == (row["method"] in ("is", "mcmc"))
+    assert "finite-sample floor at 100 particles" in md
     for label in ("IS of the flow", "SMC from the flow", "SMC from the prior", "MCMC from the data"):
         assert any(line.startswith(f"| {label}") for line in table), label
     png = out / "smc_torus_spline.png"
