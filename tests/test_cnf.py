@@ -95,6 +95,23 @@ def test_forward_then_inverse_at_default_tolerances_in_float32():
     assert (back - z).abs().max() <= 1e-4 and (logdet + logdet_inv).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("solver", ["rk4", "dopri5"])
+def test_transport_is_the_forward_map_without_the_divergence(solver):
+    """transport(z) solves the bare field: the x of forward(z) (same solver), fewer field
+    evaluations' worth of work per step (no Jacobian), and it counts its field evaluations."""
+    torch.manual_seed(0)
+    flow = EquivariantCNF(N, D, field="egnn", hidden=16, n_layers=2, solver=solver, steps=6).double()
+    z = MeanFreeNormalPrior(N, D).sample(8, generator=torch.Generator().manual_seed(3)).double()
+    with torch.no_grad():
+        x, _ = flow.forward(z)
+        nfe_forward = flow.nfe
+        moved = flow.transport(z)
+    assert (moved - x).abs().max() <= (1e-12 if solver == "rk4" else 1e-6)
+    assert flow.nfe > 0 and (solver != "rk4" or flow.nfe == nfe_forward)
+    with pytest.raises(ValueError, match="shape"):
+        flow.transport(torch.zeros(2, 9, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("field", ["egnn", "pairwise"])
 @pytest.mark.parametrize("symmetry", ["rotation", "reflection", "translation", "permutation"])
 def test_equivariance_of_the_map_and_invariance_of_the_density(field, symmetry):
@@ -149,7 +166,7 @@ def test_bad_settings_are_clear_errors():
 def test_dw4_ecnf_through_the_cli(tmp_path, loss, logged):
     """A short run of the CNF on DW4 through bgexp-train with the offline W&B logger, trained by
     maximum likelihood or by equivariant OT flow matching; the final evaluation reports the field
-    evaluations per sample and the pair-distance histogram."""
+    evaluations per sample and the pair-distance histogram, and the SMC refinement follows."""
     import json
     from pathlib import Path
 
@@ -160,7 +177,8 @@ def test_dw4_ecnf_through_the_cli(tmp_path, loss, logged):
             "flow.transform.solver=rk4", "flow.transform.steps=4", "flow.transform.hidden=8",
             "flow.transform.n_layers=1", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
             "evaluation.n_samples=200", "evaluation.final_n_samples=300", "evaluation.n_bootstrap=10",
-            "evaluation.final_n_bootstrap=10", "evaluation.final_n_data=200", "trainer.log_every_n_steps=5"]
+            "evaluation.final_n_bootstrap=10", "evaluation.final_n_data=200", "trainer.log_every_n_steps=5",
+            "smc.n_particles=100", "smc.progress=false"]
     proc = run_cli("bgexp-train", args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run_dir = next((tmp_path / "outputs" / "runs" / "dw4_ecnf").iterdir())
@@ -172,6 +190,13 @@ def test_dw4_ecnf_through_the_cli(tmp_path, loss, logged):
     assert Path(results["figures"]["histogram_pair_distance"]).is_file()
     assert Path(results["files"]["wandb_run"]).name.startswith("offline-run-")
     assert any(logged in p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/*.wandb"))
+    # the experiment refines by SMC by default: from the flow's weighted samples (one global run per
+    # replicate), resampling below ESS 95%, with the energy W2 to the held-out frames
+    smc = results["smc"]
+    assert smc["settings"]["resample_threshold"] == 0.95 and smc["flow"]["mode"] == "global"
+    assert 0 < smc["flow"]["ess"]["all"] <= 1 and math.isfinite(smc["flow"]["log_normalizer"]["value"])
+    assert all(0 <= v < 50 for v in smc["flow"]["energy_w2"]["replicates"]) and math.isfinite(smc["mcmc"]["energy_w2"])
+    assert "SMC from the flow: energy W2 to held-out data" in proc.stdout
 
 
 @pytest.mark.parametrize("solver,options", [("rk4", {"steps": 6}), ("dopri5", {"atol": 1e-9, "rtol": 1e-9})])

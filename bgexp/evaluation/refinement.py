@@ -183,9 +183,9 @@ class WeightedStart(Pullback):
     def __init__(self, model, space: Space, n_fit: int = 2000):
         super().__init__(prior=None, flow=None, energy=canonical_energy(model.target), space=space)
         self.model = model
-        with torch.no_grad():
-            x, _ = model.sample(n_fit, generator=torch.Generator().manual_seed(0))
-        x = x.double()
+        with torch.no_grad():  # the fit needs samples only: the bare field, no divergence
+            z = model.prior.sample(n_fit, generator=torch.Generator().manual_seed(0))
+            x = model.flow.transport(z).double()
         if space.is_particles:
             self.mean, self.var = torch.zeros_like(x[0]), x.square().mean().expand(x.shape[1])
         else:

@@ -136,9 +136,12 @@ class AffineStandardization(Flow):
 class ContinuousFlow(Protocol):
     """A flow defined by an ODE dx/dt = v(t, x) (a continuous normalizing flow, Chen et al.,
     NeurIPS 2018): `velocity(t, x) -> [B, D]` is the bare vector field (what flow matching trains,
-    Lipman et al., ICLR 2023), `nfe` the number of field evaluations of the last solve (the cost
-    evaluation reports per sample). Who has it: EquivariantCNF."""
+    Lipman et al., ICLR 2023), `transport(z)` the map F(z) without its log-determinant (one solve of
+    the bare field), `nfe` the number of field evaluations of the last solve (the cost evaluation
+    reports per sample). Who has it: EquivariantCNF."""
 
     nfe: int
 
     def velocity(self, t: Tensor | float, x: Tensor) -> Tensor: ...
+
+    def transport(self, z: Tensor) -> Tensor: ...
