@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     budget = f"00:{seconds // 3600:02d}:{(seconds % 3600) // 60:02d}:{seconds % 60:02d}"
     common = [
         "logger=csv", "trainer.max_epochs=100000", f"+trainer.max_time={budget}",
-        f"trainer.check_val_every_n_epoch={args.val_every}", "trainer.limit_val_batches=1",
+        f"trainer.check_val_every_n_epoch={args.val_every}", "++trainer.limit_val_batches=1",
         "evaluation.every_n_epochs=100000", f"evaluation.final_n_samples={args.samples}",
         f"evaluation.final_n_data={args.data}", "evaluation.batch_size=1000",
     ]
