@@ -77,7 +77,7 @@ class BoltzmannGeneratorTask(Task):
             model.n_energy_evals_train = max(model.n_energy_evals_train, int(float(synced)))
         evaluation = final_evaluation(cfg, model, datamodule.x_val, fit.run_dir, forces=datamodule.f_val)
         refined = refine_by_smc(cfg, model, evaluation, fit.run_dir / "figures", data=datamodule.x_train,
-                                heldout=_final_heldout(cfg, datamodule.x_val))
+                                heldout=datamodule.x_val)
         temperatures = evaluate_at_temperatures(cfg, model, fit.run_dir / "figures")
         if temperatures:
             refined["temperatures"] = temperatures
@@ -108,7 +108,7 @@ class BoltzmannGeneratorTask(Task):
                                   n_bootstrap=settings.n_bootstrap, confidence=settings.confidence, data=data,
                                   figure_dir=out_dir / "figures")
             refined = refine_by_smc(settings, model, evaluation, out_dir / "figures", data=datamodule.x_train,
-                                    heldout=data)
+                                    heldout=datamodule.x_val)
             files = {"checkpoint": str(ckpt), "data": datamodule.source}
             results = results_of(run_cfg, model, evaluation, time.time() - start, files,
                                  {"evaluated_from": str(run_dir), **refined})
@@ -140,20 +140,14 @@ class BoltzmannGeneratorTask(Task):
 
 
 # pieces of finish ----------------------------------------------------------------------------------
-def _final_heldout(cfg: DictConfig, data: torch.Tensor | None) -> torch.Tensor | None:
-    """The held-out frames of the final evaluation: the first `evaluation.final_n_data` (None: all)."""
-    n_data = cfg.evaluation.get("final_n_data")
-    return data if data is None or n_data is None else data[: int(n_data)]
-
-
 def final_evaluation(cfg: DictConfig, model: BoltzmannGenerator, data: torch.Tensor | None,
                      run_dir: Path, forces: torch.Tensor | None = None) -> Evaluation:
     """The final evaluation; `forces` (the reduced forces of `data`) add the force-matching error."""
     ev = cfg.evaluation
-    heldout = _final_heldout(cfg, data)  # held-out frames for the NLL and the histograms
-    if forces is not None and data is not None and heldout.shape[0] < data.shape[0]:
-        forces = forces[: heldout.shape[0]]
-    data = heldout
+    n_data = ev.get("final_n_data")  # held-out frames for the NLL and the histograms (None: all)
+    if data is not None and n_data is not None:
+        data = data[: int(n_data)]
+        forces = None if forces is None else forces[: int(n_data)]
     return evaluate(model, n_samples=ev.final_n_samples, batch_size=ev.batch_size,
                     n_bootstrap=ev.final_n_bootstrap, confidence=ev.confidence, data=data,
                     figure_dir=run_dir / "figures", forces=forces)
@@ -173,8 +167,9 @@ def smc_settings(cfg: DictConfig) -> SMCSettings | None:
 def refine_by_smc(cfg: DictConfig, model: BoltzmannGenerator, evaluation: Evaluation, figure_dir: Path,
                   data: torch.Tensor | None = None, heldout: torch.Tensor | None = None) -> dict:
     """The `smc` block of results.json (empty when smc is off; `data`: the training frames the MCMC
-    baseline starts from; `heldout`: frames whose energies the samplers' energy W2 is measured
-    against); its figures join the evaluation's."""
+    baseline starts from; `heldout`: all held-out frames, whose energies the samplers' energy W2
+    is measured against: energies only, so not limited by n_data, which bounds the NLL's solves);
+    its figures join the evaluation's."""
     settings = smc_settings(cfg)
     if settings is None:
         return {}
