@@ -233,12 +233,15 @@ def test_evaluation_checks_its_inputs():
 
 
 class CountingFlow(nn.Module):
-    """A stand-in continuous flow: `nfe` after each solve and a `velocity`."""
+    """A stand-in continuous flow: `nfe` after each solve, a `velocity` and a `transport`."""
 
     nfe = 7
 
     def velocity(self, t, x):
         return torch.zeros_like(x)
+
+    def transport(self, z):
+        return z
 
 
 class NfeOnly(nn.Module):

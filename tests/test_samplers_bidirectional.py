@@ -237,6 +237,15 @@ def test_energy_w2_of_the_refinement_and_of_mcmc_against_held_out_energies():
     assert 0.85 < shifted["energy_w2"]["value"] < 1.3
     assert mcmc["energy_w2"] < 4 * noise + 0.05
     assert "final" not in block["replicates"][0]
+    # the energy histograms (pooled replicates, weighted) on the held-out frames' bins: densities
+    # that hold nearly all the mass and sit on the held-out one
+    from bgexp.evaluation.refinement import _weighted_density, energy_edges
+
+    edges = energy_edges(heldout_u)
+    reference = _weighted_density(heldout_u, None, edges)
+    for density in (np.asarray(block["energy_histogram"]), np.asarray(mcmc["energy_histogram"])):
+        assert density.shape == (50,) and 0.97 < float((density * np.diff(edges)).sum()) <= 1 + 1e-9
+        assert float((np.abs(density - reference) * np.diff(edges)).sum()) < 0.25  # total variation x 2
 
 
 @pytest.mark.bad_input

@@ -51,6 +51,8 @@ def _check_block(results: dict) -> None:
         w2 = block[source]["energy_w2"]
         assert len(w2["replicates"]) == 3 and all(0 <= v < 5 for v in w2["replicates"])
     assert 0 <= mcmc["energy_w2"] < 5 and block["data_energy_w2"]["n_frames"] == 150
+    assert len(block["energy_histograms"]["edges"]) == 51 and len(block["flow"]["energy_histogram"]) == 50
+    assert Path(results["figures"]["smc_energies"]).is_file()
     assert Path(results["figures"]["smc_flow"]).is_file() and Path(results["figures"]["smc_prior"]).is_file()
 
 

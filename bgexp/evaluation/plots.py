@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_energy_histograms", "plot_free_energy_profile", "plot_free_energy_surface", "plot_observable_histogram",
+__all__ = ["plot_energy_histograms", "plot_energy_densities", "plot_free_energy_profile", "plot_free_energy_surface", "plot_observable_histogram",
            "plot_smc_history"]
 
 ArrayLike = np.ndarray | Sequence[float]
@@ -334,4 +334,26 @@ def plot_work_distributions(histograms: dict[str, dict[str, list]], path: str | 
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_energy_densities(curves: dict[str, list], path: str | Path, title: str = "") -> Path:
+    """Energy densities on shared bins (`curves["edges"]`; every other entry one density): the
+    held-out frames' filled, each sampler's final configurations' as a line."""
+    edges = np.asarray(curves["edges"])
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    fig = new_figure((5.6, 3.8))
+    ax = fig.subplots()
+    for name, density in curves.items():
+        if name == "edges":
+            continue
+        if name == "held-out data":
+            ax.fill_between(centres, density, step="mid", alpha=0.3, color="grey", label=name)
+        else:
+            ax.step(centres, density, where="mid", label=name)
+    ax.set_xlabel("reduced energy u [kT]")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title)
     return save_figure(fig, path)

@@ -429,6 +429,9 @@ def refine(path: Pullback, target, settings: SMCSettings, seed: int, reference=N
         extra["bidirectional"] = _bidirectional_block(names, replicates, settings, reference)
     if heldout_u is not None:
         extra["energy_w2"] = _interval([_energy_w2(heldout_u, *r["final"]) for r in replicates], settings.confidence, None)
+        edges = energy_edges(heldout_u)
+        extra["energy_histogram"] = np.mean([_weighted_density(u, w, edges) for u, w in
+                                             (r["final"] for r in replicates)], axis=0).tolist()
     return {"mode": "per_state" if per_state else "global", "delta_f": delta_f, **extra,
             "ess": _mean_dicts([r["ess"] for r in replicates]),
             "n_energy_evals": int(sum(r["n_energy_evals"] for r in replicates)), "wall_s": wall,
@@ -540,6 +543,25 @@ def _energy_w2(heldout_u: np.ndarray, u: np.ndarray, weights: np.ndarray | None 
     return math.nan if value is None else value
 
 
+def energy_edges(heldout_u: np.ndarray, bins: int = 50) -> np.ndarray:
+    """Shared histogram bins of the energy figures: the held-out energies' 0.5-99.5 percentiles,
+    widened by a tenth on each side."""
+    finite = heldout_u[np.isfinite(heldout_u)]
+    lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+    pad = 0.1 * (hi - lo) if hi > lo else 1.0
+    return np.linspace(lo - pad, hi + pad, bins + 1)
+
+
+def _weighted_density(u: np.ndarray, weights: np.ndarray | None, edges: np.ndarray) -> np.ndarray:
+    """The (weighted) histogram of u on `edges` as a density over all of u's weight (mass outside
+    the bins is left out of the picture, not renormalised into it); zeros when there is none."""
+    keep = np.isfinite(u) if weights is None else np.isfinite(u) & np.isfinite(weights)
+    w = np.ones(int(keep.sum())) if weights is None else weights[keep]
+    total = w.sum()
+    counts, _ = np.histogram(u[keep], edges, weights=w)
+    return counts / (total * np.diff(edges)) if total > 0 else np.zeros(len(edges) - 1)
+
+
 def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
@@ -584,7 +606,9 @@ def mcmc_from_data(target, data: Tensor, budget: int, settings: SMCSettings, see
            "n_energy_evals": n_chains * n_steps * kernel.evals_per_step, "wall_s": time.perf_counter() - start,
            "populations": {k: float(counts[:, i].sum() / counts.sum()) for i, k in enumerate(names)}}
     if heldout_u is not None:
-        out["energy_w2"] = _energy_w2(heldout_u, (-state.log_prob).double().cpu().numpy())
+        final_u = (-state.log_prob).double().cpu().numpy()
+        out["energy_w2"] = _energy_w2(heldout_u, final_u)
+        out["energy_histogram"] = _weighted_density(final_u, None, energy_edges(heldout_u)).tolist()
     return out
 
 
@@ -622,18 +646,37 @@ def smc_figures(block: dict[str, Any], figure_dir) -> dict[str, str]:
     """The annealing (b and ESS against the level, first replicate) of every SMC in the block."""
     from pathlib import Path
 
-    from bgexp.evaluation.plots import plot_smc_history, plot_work_distributions
+    from bgexp.evaluation.plots import plot_energy_densities, plot_smc_history, plot_work_distributions
 
     figures = {}
     for name in ("flow", *(b for b in block["settings"]["baselines"] if b != "mcmc")):
         path = Path(figure_dir) / f"smc_{name}.png"
         title = f"SMC from the {name}" + (" (per state)" if block[name]["mode"] == "per_state" else "")
         figures[f"smc_{name}"] = str(plot_smc_history(block[name]["history"] or {}, path, title=title))
+    energies = energy_histograms_of(block)
+    if energies:
+        path = Path(figure_dir) / "smc_energies.png"
+        figures["smc_energies"] = str(plot_energy_densities(energies, path, title="Energies after SMC against held-out data"))
     histograms = block["flow"].get("bidirectional", {}).get("work_histograms")
     if histograms:
         path = Path(figure_dir) / "smc_works.png"
         figures["smc_works"] = str(plot_work_distributions(histograms, path, title="Bidirectional AIS: works per state"))
     return figures
+
+
+def energy_histograms_of(block: dict[str, Any]) -> dict[str, Any] | None:
+    """{"edges", then one density per curve}: the held-out frames' and each sampler's final
+    energies (SMC pooled over replicates, weighted), as results.json keeps them."""
+    shared = block.get("energy_histograms")
+    if not shared:
+        return None
+    labels = {"flow": "SMC from the flow", "prior": "SMC from the prior", "mcmc": "MCMC from the data"}
+    curves = {"edges": shared["edges"], "held-out data": shared["held-out"]}
+    for source, label in labels.items():
+        density = (block.get(source) or {}).get("energy_histogram")
+        if density is not None:
+            curves[label] = density
+    return curves
 
 
 def _check_bidirectional(path: Pullback, data: Tensor | None) -> None:
@@ -666,6 +709,10 @@ def smc_block(model, settings: SMCSettings, seed: int, data: Tensor | None = Non
     try:
         paths = pullbacks(model)
         heldout_u = None if heldout is None else model.target.energy(heldout).double().cpu().numpy()
+        if heldout_u is not None:
+            edges = energy_edges(heldout_u)
+            block["energy_histograms"] = {"edges": edges.tolist(),
+                                          "held-out": _weighted_density(heldout_u, None, edges).tolist()}
         if settings.bidirectional:
             _check_bidirectional(paths["flow"], data)
             data = _canonical(model.target, data)
