@@ -71,6 +71,8 @@ BAD_TRAIN = [
     (["smc=default", "smc.bidirectional=true", "smc.per_state=false"], "smc.bidirectional", "per_state"),
     (["experiment=dw4_ecnf", "smc=default", "smc.bidirectional=true"], "smc.bidirectional", "inverse pass"),
     (["optimized_metric=smc.flow.ess"], "optimized_metric='smc.flow.ess'", "smc=default"),
+    (["experiment=dw4_ecnf", "smc.enabled=false", "optimized_metric=smc.flow.ess"], "optimized_metric=", "enabled"),
+    (["smc=default", "smc.enabled=maybe"], "smc.enabled='maybe'", "true or false"),
     (["optimized_metric=abs:tfep.estimates.lfep.error"], "optimized_metric=", "only for task=tfep"),
     (["optimized_metric=es"], "optimized_metric='es'", "did you mean ess?"),
     (["+callbacks.lr={_target_:lightning.pytorch.callbacks.LearningRateMonitor}"], "callbacks.lr._target_",
@@ -145,6 +147,17 @@ def test_every_hparams_search_validates(search):
 ])
 def test_legitimate_overrides_validate(overrides):
     validate_config(compose_cfg(overrides))
+
+
+def test_smc_enabled_false_switches_an_experiments_refinement_off():
+    """dw4_ecnf refines by SMC by default; smc.enabled=false turns it off (no settings, no block)."""
+    from bgexp.training.tasks.bg import smc_settings
+
+    on = compose_cfg(["experiment=dw4_ecnf"])
+    off = compose_cfg(["experiment=dw4_ecnf", "smc.enabled=false"])
+    validate_config(off)
+    assert smc_settings(on).n_particles == 1000 and smc_settings(on).resample_threshold == 0.95
+    assert smc_settings(off) is None and smc_settings(compose_cfg([])) is None
 
 
 def test_the_eval_config_validates():

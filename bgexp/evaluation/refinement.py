@@ -71,8 +71,10 @@ class SMCSettings:
     the kernel and its first step size, MCMC steps per level, the CESS target of the adaptive
     schedule, the resampling threshold (ESS fraction), an energy budget per run (None: none), the
     draws allowed to find a state's initial particles (a multiple of n_particles), the baselines
-    to run, and the confidence of the intervals."""
+    to run, and the confidence of the intervals. `enabled: false` switches a configured block off
+    (an experiment that refines by default: smc.enabled=false)."""
 
+    enabled: bool = True
     n_particles: int = 1000
     n_replicates: int = 3
     kernel: str = "mala"

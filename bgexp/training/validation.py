@@ -403,7 +403,7 @@ class _SMC(Section):
 def _smc_settings() -> Section:
     from bgexp.evaluation.refinement import SMCSettings
 
-    rules = {"n_particles": integer(), "n_replicates": integer(), "kernel": text(), "step_size": number(0),
+    rules = {"enabled": boolean(), "n_particles": integer(), "n_replicates": integer(), "kernel": text(), "step_size": number(0),
              "n_steps_per_level": integer(1), "cess_target": number(0, 1), "resample_threshold": number(0, 1, False, False),
              "max_energy_evals": integer(1, none=True), "per_state": boolean(none=True), "max_draw_factor": integer(),
              "confidence": number(), "batch_size": integer(1), "progress": boolean(),
@@ -576,8 +576,9 @@ def check_optimized_metric(metric: Any, cfg: Mapping[str, Any], problems: _Probl
             problems.add(key, metric, "a task=tfep run has no nll_test (null); use e.g. abs:tfep.estimates.lfep.error")
         return
     if head in RESULT_MAPPINGS and rest:
-        if head == "smc" and not cfg.get("smc"):
-            problems.add(key, metric, "results.json has an `smc` block only with an smc group (smc=default)")
+        if head == "smc" and (not cfg.get("smc") or cfg["smc"].get("enabled", True) is False):
+            problems.add(key, metric, "results.json has an `smc` block only with an smc group (smc=default) "
+                                      "that is enabled")
         elif head == "tfep" and task != "tfep":
             problems.add(key, metric, f"results.json has a `tfep` block only for task=tfep (this run: task={task})")
         elif head == "metrics" and task == "tfep":

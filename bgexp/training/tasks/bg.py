@@ -154,14 +154,15 @@ def final_evaluation(cfg: DictConfig, model: BoltzmannGenerator, data: torch.Ten
 
 
 def smc_settings(cfg: DictConfig) -> SMCSettings | None:
-    """The `smc` group's settings (None when it is off), checked."""
+    """The `smc` group's settings (None when it is off: no group, or smc.enabled=false), checked."""
     node = cfg.get("smc")
     if node is None:
         return None
     try:
-        return SMCSettings(**OmegaConf.to_container(node, resolve=True))
+        settings = SMCSettings(**OmegaConf.to_container(node, resolve=True))
     except TypeError as err:  # an unknown key
         raise ConfigError(f"smc: {err} (keys: {sorted(SMCSettings.__dataclass_fields__)})") from err
+    return settings if settings.enabled else None
 
 
 def refine_by_smc(cfg: DictConfig, model: BoltzmannGenerator, evaluation: Evaluation, figure_dir: Path,
