@@ -614,15 +614,16 @@ def mcmc_from_data(target, data: Tensor, budget: int, settings: SMCSettings, see
     return out
 
 
-def equal_budget(settings: SMCSettings, budget: int, target) -> SMCSettings:
+def equal_budget(settings: SMCSettings, budget: int, target, space: Space) -> SMCSettings:
     """The settings of SMC from the prior at the flow's budget: `budget` energy evaluations (the
     flow's training + evaluation + SMC) shared over its runs (replicates, times states when per
     state), each run's cap no higher than ``settings.max_energy_evals`` and no lower than one level
-    (the initial evaluation and one level of moves: the least an SMC run can do). A run that
-    reaches its cap reweights straight to b = 1 (bgexp.samplers.smc) and counts in `budget_stops`."""
+    (the initial evaluation and one level of moves on `space`, where its kernel moves: the least
+    an SMC run can do). A run that reaches its cap reweights straight to b = 1
+    (bgexp.samplers.smc) and counts in `budget_stops`."""
     per_state = settings.per_state if settings.per_state is not None else len(target.states) > 1
     n_runs = int(settings.n_replicates) * (len(target.states) if per_state else 1)
-    one_level = int(settings.n_particles) * (1 + int(settings.n_steps_per_level) * _kernel(settings, target.space).evals_per_step)
+    one_level = int(settings.n_particles) * (1 + int(settings.n_steps_per_level) * _kernel(settings, space).evals_per_step)
     cap = max(int(budget) // n_runs, one_level)
     if settings.max_energy_evals is not None:
         cap = min(cap, int(settings.max_energy_evals))
@@ -722,7 +723,7 @@ def smc_block(model, settings: SMCSettings, seed: int, data: Tensor | None = Non
                                heldout_u=heldout_u)
         budget = model.n_energy_evals_train + model.n_energy_evals_eval + block["flow"]["n_energy_evals"]
         if "prior" in settings.baselines:
-            capped = equal_budget(settings, budget, model.target)
+            capped = equal_budget(settings, budget, model.target, paths["prior"].space)
             block["prior"] = {"budget": int(budget), "max_energy_evals_per_run": capped.max_energy_evals,
                               **refine(paths["prior"], model.target, capped, seed, model.target.reference,
                                        heldout_u=heldout_u)}
