@@ -101,6 +101,7 @@ class StateSamples:
     state: Tensor  # [n] index into `states`
     states: list[str]
     acceptance: dict[str, float]
+    chain: Tensor  # [n] the Markov chain each frame comes from, numbered 0.. over all states
 
 
 def sample_states(
@@ -121,7 +122,7 @@ def sample_states(
     if unknown:
         raise ValueError(f"unknown states {unknown}; {type(target).__name__} has {sorted(target.states)}")
     generator = torch.Generator().manual_seed(int(seed))
-    xs, labels, acceptance = [], [], {}
+    xs, labels, chains, acceptance = [], [], [], {}
     for k, name in enumerate(states):
         x0 = target.initial_configurations(name, n_chains, generator)
         result = metropolis(
@@ -139,5 +140,8 @@ def sample_states(
         x = result.samples.reshape(-1, x0.shape[-1])
         xs.append(x)
         labels.append(torch.full((x.shape[0],), k, dtype=torch.long))
+        # samples are [kept, chain, dim] flattened: frame i of this state is from chain i mod n_chains
+        chains.append(k * n_chains + torch.arange(x.shape[0]) % n_chains)
         acceptance[name] = result.acceptance
-    return StateSamples(x=torch.cat(xs), state=torch.cat(labels), states=list(states), acceptance=acceptance)
+    return StateSamples(x=torch.cat(xs), state=torch.cat(labels), states=list(states), acceptance=acceptance,
+                        chain=torch.cat(chains))

@@ -442,7 +442,7 @@ def _data() -> Section:
 
     rules = {"path": anything, "cache_dir": text(), "generate": _Generate(), "val_fraction": number(0, 1),
              "batch_size": integer(1), "num_workers": integer(0), "split_seed": integer(), "progress": boolean(),
-             "md": OneOrList(_md_settings()), "topology": text(none=True), "split": choice("random", "tail"),
+             "md": OneOrList(_md_settings()), "topology": text(none=True), "split": choice("random", "tail", "chains"),
              "forces": boolean()}
     keys = _signature_keys(TargetDataModule.__init__, ("target", "target_config"))
     return Section({n: rules.get(n, anything) for n in keys})
