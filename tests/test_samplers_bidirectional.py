@@ -258,8 +258,10 @@ def test_bidirectional_settings_that_cannot_work_are_refused():
         SMCSettings(bidirectional=True, n_bidirectional=1)
     with pytest.raises(SamplerSettingError, match="reverse_steps"):
         SMCSettings(bidirectional=True, reverse_steps=-3)
-    with pytest.raises(SamplerSettingError, match="equilibrium data"):
-        _check_bidirectional(Pullback(None, None, None, Space(1)), None)
+    with pytest.raises(SamplerSettingError, match="reverse_frames must be one of"):
+        SMCSettings(bidirectional=True, reverse_frames="test")
+    with pytest.raises(SamplerSettingError, match="equilibrium data.*reverse_frames=heldout"):
+        _check_bidirectional(Pullback(None, None, None, Space(1)), None, "heldout")
 
 
 def test_a_state_the_flow_never_reaches_has_no_bidirectional_estimate_and_no_crash():

@@ -66,9 +66,11 @@ def test_smc_refinement_through_train_and_eval(tmp_path):
     # the W&B run (offline) holds the SMC scalars
     assert any(b"final/smc/flow/delta_f" in p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/*.wandb"))
 
-    # bgexp-eval with the bidirectional estimate (reverse from the training frames after 5 MALA moves)
+    # bgexp-eval with the bidirectional estimate, reverse from the held-out frames (200 exact samples the
+    # flow never saw) after 5 MALA moves
     proc = run_cli("bgexp-eval", [f"run_dir={run_dir}", "n_samples=500", "n_bootstrap=10", *SMALL_SMC,
-                                  "smc.bidirectional=true", "smc.reverse_steps=5", "smc.q_draws=5000"], tmp_path)
+                                  "smc.bidirectional=true", "smc.reverse_steps=5", "smc.q_draws=5000",
+                                  "smc.reverse_frames=heldout"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "Bidirectional AIS + BAR (flow, data): Delta F(left->right)" in proc.stdout
     results = json.loads(next((run_dir / "eval").glob("*/results.json")).read_text())
@@ -78,6 +80,10 @@ def test_smc_refinement_through_train_and_eval(tmp_path):
     assert estimate["ci_low"] < estimate["value"] < estimate["ci_high"] and abs(estimate["error"]) < 0.5
     assert len(bidir["replicates_interval"]["left->right"]["replicates"]) == 3
     assert bidir["replicates"][0]["left"]["reverse_steps"] == 5 and bidir["replicates"][0]["left"]["q_draws"] >= 5000
+    # the reverse frames are the 200 held-out ones, split over the two states: fewer than 150 in each
+    # (the 1 800 training frames would give 150 per state)
+    n_reverse = {s: bidir["replicates"][0][s]["n_reverse"] for s in ("left", "right")}
+    assert all(0 < n < 150 for n in n_reverse.values()) and sum(n_reverse.values()) <= 200, n_reverse
     assert 0 < bidir["n_energy_evals"] < results["smc"]["flow"]["n_energy_evals"]
     hist = bidir["work_histograms"]["left"]
     assert len(hist["edges"]) == 41 and 0 < sum(hist["forward"]) <= 3 * 150 and 0 < sum(hist["reverse"]) <= 3 * 150

@@ -32,7 +32,10 @@ frames must be independent of the flow's fit: a flow trained on them has a highe
 very frames than at fresh samples of the same distribution (measured on the dimer: log q 55 at the
 training frames, ~17 after 600 MALA steps on exp(-u) from them, the energy unchanged), and reverse
 works from them are biased; `reverse_steps` MCMC moves in x on the state's target first make them
-fresh samples (the kernel keeps the target invariant).  For interchangeable particles the frames
+fresh samples (the kernel keeps the target invariant).  `reverse_frames: heldout` starts the reverse
+direction from the held-out frames instead, which the flow was not fitted to: with whole chains held
+out (`data.split=chains`) they are independent of the fit without any moves (with a random split of
+correlated frames they are not: neighbours of the training frames).  For interchangeable particles the frames
 are relabelled into the canonical region (exp(-u) is permutation-invariant); without relabelling,
 MC frames sample a few labellings only and are not samples of the flow's labelled density.
 
@@ -63,6 +66,7 @@ from bgexp.samplers.replicates import replicate_seeds, student_t_interval
 from bgexp.spaces import Space
 
 KERNELS = {"mala": MALA, "hmc": HMC}
+REVERSE_FRAMES = ("training", "heldout")  # where the bidirectional estimate's reverse direction starts
 
 
 @dataclass
@@ -92,6 +96,7 @@ class SMCSettings:
     bidirectional: bool = False
     n_bidirectional: int | None = None
     reverse_steps: int = 0
+    reverse_frames: str = "training"
     q_draws: int = 100_000
 
     def __post_init__(self) -> None:
@@ -116,6 +121,8 @@ class SMCSettings:
             raise SamplerSettingError(f"smc.q_draws must be an integer >= 0, got {self.q_draws}")
         if int(self.reverse_steps) != self.reverse_steps or self.reverse_steps < 0:
             raise SamplerSettingError(f"smc.reverse_steps must be an integer >= 0, got {self.reverse_steps}")
+        if self.reverse_frames not in REVERSE_FRAMES:
+            raise SamplerSettingError(f"smc.reverse_frames must be one of {REVERSE_FRAMES}, got {self.reverse_frames!r}")
         if self.bidirectional and self.per_state is False:
             raise SamplerSettingError("smc.bidirectional needs smc.per_state (the data are equilibrium samples within "
                                       "each state, not across states)")
@@ -682,11 +689,11 @@ def energy_histograms_of(block: dict[str, Any]) -> dict[str, Any] | None:
     return curves
 
 
-def _check_bidirectional(path: Pullback, data: Tensor | None) -> None:
+def _check_bidirectional(path: Pullback, data: Tensor | None, which: str) -> None:
     """Refuse the bidirectional estimate, before any energy is evaluated, where it cannot work."""
     if data is None or data.shape[0] < 2:
-        raise SamplerSettingError("smc.bidirectional needs equilibrium data of the target (the training frames); "
-                                  "none were given")
+        raise SamplerSettingError(f"smc.bidirectional needs equilibrium data of the target (smc.reverse_frames="
+                                  f"{which}: the {which} frames); none were given")
     if isinstance(path, WeightedStart):
         raise SamplerSettingError("smc.bidirectional needs a flow with an inverse (z = F^-1(x)); a continuous "
                                   "flow starts SMC from weighted samples in x instead")
@@ -716,10 +723,13 @@ def smc_block(model, settings: SMCSettings, seed: int, data: Tensor | None = Non
             edges = energy_edges(heldout_u)
             block["energy_histograms"] = {"edges": edges.tolist(),
                                           "held-out": _weighted_density(heldout_u, None, edges).tolist()}
+        reverse = None
         if settings.bidirectional:
-            _check_bidirectional(paths["flow"], data)
-            data = _canonical(model.target, data)
-        block["flow"] = refine(paths["flow"], model.target, settings, seed, model.target.reference, data=data,
+            reverse = heldout if settings.reverse_frames == "heldout" else data
+            _check_bidirectional(paths["flow"], reverse, settings.reverse_frames)
+            reverse = _canonical(model.target, reverse)
+            data = _canonical(model.target, data) if data is not None else None
+        block["flow"] = refine(paths["flow"], model.target, settings, seed, model.target.reference, data=reverse,
                                heldout_u=heldout_u)
         budget = model.n_energy_evals_train + model.n_energy_evals_eval + block["flow"]["n_energy_evals"]
         if "prior" in settings.baselines:
