@@ -430,16 +430,15 @@ class TargetDataModule(pl.LightningDataModule):
         """(an order of the frames with the held-out chains' frames first, their number): chains
         drawn in a random order (split_seed) until val_fraction of the frames are held out."""
         chain = self.chain
-        ids = np.unique(chain)
+        ids, counts = np.unique(chain, return_counts=True)
         if len(ids) < 2:
             raise DataError(f"data.split=chains needs data from several Markov chains, but {self.source} is one "
                             f"chain (an MD folder or trajectory without chain ids); use data.split=tail, give "
                             f"several data.path sources, or an .npz file with an integer array 'chain'")
-        order = np.random.default_rng(self.split_seed).permutation(ids)
-        sizes = np.bincount(np.searchsorted(ids, chain), minlength=len(ids))[np.searchsorted(ids, order)]
+        order = np.random.default_rng(self.split_seed).permutation(len(ids))  # chains in a random order
         target = self.val_fraction * len(chain)
-        n_chains_val = min(len(ids) - 1, max(1, int(np.searchsorted(np.cumsum(sizes), target) + 1)))
-        held_out = np.isin(chain, order[:n_chains_val])
+        n_chains_val = min(len(ids) - 1, max(1, int(np.searchsorted(np.cumsum(counts[order]), target) + 1)))
+        held_out = np.isin(chain, ids[order[:n_chains_val]])
         perm = np.concatenate([np.flatnonzero(held_out), np.flatnonzero(~held_out)])
         log.info("validation: %d of %d chains held out (%d frames)", n_chains_val, len(ids), int(held_out.sum()))
         return torch.as_tensor(perm), int(held_out.sum())
