@@ -154,6 +154,8 @@ class _TwoWells:
     space = Space(1)
     relabelling = None
     reference = None
+    observables: dict = {}  # as bgexp.targets.base.Target: none, so no observables block after SMC
+    surfaces: dict = {}
 
     def energy(self, x):
         comps = torch.stack([math.log(w) - 0.5 * ((x[:, 0] - m) / s) ** 2 - math.log(s)

@@ -20,7 +20,7 @@ TINY = ["experiment=torus_spline", "data.generate.n_samples=2000", "data.batch_s
         "evaluation.final_n_bootstrap=10"]
 
 
-def _check_block(results: dict) -> None:
+def _check_block(results: dict, sweeps: int = 0) -> None:
     block = results["smc"]
     assert block["settings"]["n_particles"] == 150 and block["settings"]["n_replicates"] == 3
     for source in ("flow", "prior"):
@@ -44,8 +44,10 @@ def _check_block(results: dict) -> None:
     assert abs(sum(mcmc["populations"].values()) - 1) < 1e-9
     # SMC from the prior at the same budget: a cap per run (3 replicates x 2 states), reported
     prior = block["prior"]
-    assert prior["budget"] == mcmc["budget"] and prior["max_energy_evals_per_run"] == max(prior["budget"] // 6, 150 * 6)
-    assert prior["n_energy_evals"] <= 6 * prior["max_energy_evals_per_run"] and prior["budget_stops"] >= 0
+    sweep_cost = 150 * (1 + sweeps * 5) if sweeps else 0  # the final sweeps come out of each run's share
+    assert prior["budget"] == mcmc["budget"]
+    assert prior["max_energy_evals_per_run"] == max(prior["budget"] // 6 - sweep_cost, 150 * 6)
+    assert prior["n_energy_evals"] <= 6 * (prior["max_energy_evals_per_run"] + sweep_cost) and prior["budget_stops"] >= 0
     # energy W2 to the held-out frames: every sampler's, and that of training frames of the same size
     for source in ("flow", "prior"):
         w2 = block[source]["energy_w2"]
@@ -54,15 +56,25 @@ def _check_block(results: dict) -> None:
     assert len(block["energy_histograms"]["edges"]) == 51 and len(block["flow"]["energy_histogram"]) == 50
     assert Path(results["figures"]["smc_energies"]).is_file()
     assert Path(results["figures"]["smc_flow"]).is_file() and Path(results["figures"]["smc_prior"]).is_file()
+    # the observables after SMC: final particles, plus the sweeps at b = 1, per replicate and pooled
+    for source in ("flow", "prior"):
+        observables = block[source]["observables"]
+        assert observables["n_configurations"] == [(1 + sweeps) * 2 * 150] * 3 or sweeps == 0 or source == "prior"
+        assert set(observables["pooled"]) == {"profile/theta1/rmse", "profile/theta2/rmse", "surface/torus/kl"}
+        assert len(observables["replicates"]["surface/torus/kl"]["replicates"]) == 3
+        assert all(0 <= v < 1.5 for k, v in observables["pooled"].items() if "rmse" in k)
+    assert Path(results["figures"]["surface_torus_smc"]).is_file()
+    assert Path(results["figures"]["profile_theta1_smc"]).is_file()
 
 
 @pytest.mark.slow
 def test_smc_refinement_through_train_and_eval(tmp_path):
-    proc = run_cli("bgexp-train", [*TINY, *SMALL_SMC], tmp_path)
+    proc = run_cli("bgexp-train", [*TINY, *SMALL_SMC, "smc.final_sweeps=2"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "SMC from the flow: Delta F(left->right)" in proc.stdout and "MCMC from the data" in proc.stdout
+    assert "SMC from the flow, observables (2700 weighted configurations, replicates pooled)" in proc.stdout
     run_dir = next((tmp_path / "outputs" / "runs" / "torus_spline").iterdir())
-    _check_block(json.loads((run_dir / "results.json").read_text()))
+    _check_block(json.loads((run_dir / "results.json").read_text()), sweeps=2)
     # the W&B run (offline) holds the SMC scalars
     assert any(b"final/smc/flow/delta_f" in p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/*.wandb"))
 

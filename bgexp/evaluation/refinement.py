@@ -60,6 +60,8 @@ from scipy import stats
 from torch import Tensor
 
 from bgexp.evaluation.metrics import wasserstein_2
+from bgexp.evaluation.smc_observables import (ObservedSample, concatenate, mix_states, observable_curves,
+                                              observable_figures, observable_metrics, swept_sample)
 from bgexp.flows.base import ContinuousFlow
 from bgexp.samplers import HMC, MALA, SMCResult, smc
 from bgexp.samplers.bidirectional import bidirectional_ais, pilot_protocol
@@ -100,6 +102,7 @@ class SMCSettings:
     reverse_steps: int = 0
     reverse_frames: str = "training"
     q_draws: int = 100_000
+    final_sweeps: int = 0
 
     def __post_init__(self) -> None:
         self.baselines = tuple(self.baselines or ())
@@ -123,6 +126,8 @@ class SMCSettings:
             raise SamplerSettingError(f"smc.q_draws must be an integer >= 0, got {self.q_draws}")
         if int(self.reverse_steps) != self.reverse_steps or self.reverse_steps < 0:
             raise SamplerSettingError(f"smc.reverse_steps must be an integer >= 0, got {self.reverse_steps}")
+        if int(self.final_sweeps) != self.final_sweeps or self.final_sweeps < 0:
+            raise SamplerSettingError(f"smc.final_sweeps must be an integer >= 0, got {self.final_sweeps}")
         if self.reverse_frames not in REVERSE_FRAMES:
             raise SamplerSettingError(f"smc.reverse_frames must be one of {REVERSE_FRAMES}, got {self.reverse_frames!r}")
         if self.bidirectional and self.per_state is False:
@@ -271,13 +276,22 @@ def draw_in_state(path: Pullback, state: Callable[[Tensor], Tensor], n: int, set
     return torch.cat(kept)[:n], torch.cat(weights)[:n], hits / drawn, drawn
 
 
+def _observed(path: Pullback, target, log_pi1, result: SMCResult, settings: SMCSettings,
+              generator: torch.Generator) -> ObservedSample:
+    """The target's observables on the run's final weighted particles and after each of
+    `final_sweeps` sweeps at b = 1 (bgexp.evaluation.smc_observables)."""
+    return swept_sample(target, lambda y: path.push(y)[0], log_pi1, result, _kernel(settings, path.space),
+                        int(settings.final_sweeps), int(settings.n_steps_per_level), generator)
+
+
 def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSettings,
-                  generator: torch.Generator, data: Tensor | None = None, target=None) -> dict[str, Any]:
+                  generator: torch.Generator, data: Tensor | None, target) -> dict[str, Any]:
     """One replicate of the per-state refinement: log Z_s for every state (module docstring); with
     ``settings.bidirectional`` and `data`, also the bidirectional estimate of every log Z_s."""
     log_z, ess, evals, levels, wall, model_s, history = {}, {}, 0, {}, 0.0, 0.0, {}
     bidir: dict[str, dict[str, float]] = {}
     finals: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    observed: dict[str, ObservedSample] = {}
     budget_stops = 0
     n_extra = settings.n_works if settings.bidirectional else 0
     for name, state in states.items():
@@ -295,11 +309,12 @@ def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSett
         log_z[name] = math.log(q) + result.log_normalizer
         budget_stops += int(result.budget_exhausted)
         finals[name] = final_energies(path, result)
+        observed[name] = _observed(path, target, path.restricted_log_pi1(state), result, settings, generator)
         ess[name], levels[name] = result.ess, result.n_levels
         history[name] = result.history_table()
-        evals += result.n_energy_evals
-        wall += result.wall_s
-        model_s += result.model_s
+        evals += result.n_energy_evals + observed[name].n_energy_evals
+        wall += result.wall_s + observed[name].wall_s
+        model_s += result.model_s + observed[name].model_s
         if settings.bidirectional and data is not None:
             t0 = time.perf_counter()
             entry = bidirectional_in_state(path, target, state, settings, result, z_all[settings.n_particles:], q, data,
@@ -310,7 +325,8 @@ def run_per_state(path: Pullback, states: dict[str, Callable], settings: SMCSett
             wall += time.perf_counter() - t0
             model_s += entry.pop("model_s")
     out = {"log_z": log_z, "ess": ess, "n_energy_evals": evals, "levels": levels, "wall_s": wall,
-           "model_s": model_s, "history": history, "final": _mix_states(finals, log_z), "budget_stops": budget_stops}
+           "model_s": model_s, "history": history, "final": _mix_states(finals, log_z), "budget_stops": budget_stops,
+           "observed": mix_states(observed, log_z)}
     if bidir:
         out["bidirectional"] = bidir
     return out
@@ -370,7 +386,7 @@ def decorrelate(target, state: Callable[[Tensor], Tensor], x: Tensor, settings: 
 
 
 def run_global(path: Pullback, states: dict[str, Callable], settings: SMCSettings,
-               generator: torch.Generator) -> dict[str, Any]:
+               generator: torch.Generator, target) -> dict[str, Any]:
     """One replicate over all configurations: log Z and every state's weighted share."""
     t0 = time.perf_counter()  # drawing the starting particles is flow evaluation (model time)
     z0, log_w0 = path.draw(settings.n_particles, generator)
@@ -381,6 +397,7 @@ def run_global(path: Pullback, states: dict[str, Callable], settings: SMCSetting
         x = path.push(result.y)[0]
     draw_s += time.perf_counter() - t0
     final = final_energies(path, result, x)
+    observed = _observed(path, target, path.log_pi1, result, settings, generator)
     log_w = result.log_weights.numpy()
     log_z = {}
     for name, state in states.items():
@@ -388,9 +405,10 @@ def run_global(path: Pullback, states: dict[str, Callable], settings: SMCSetting
         share = log_w[mask]
         log_z[name] = float(np.logaddexp.reduce(share) - math.log(len(log_w))) if share.size else -math.inf
     return {"log_z": log_z, "log_normalizer": result.log_normalizer, "ess": {"all": result.ess},
-            "n_energy_evals": result.n_energy_evals, "levels": {"all": result.n_levels}, "wall_s": result.wall_s,
-            "model_s": result.model_s + draw_s, "history": {"all": result.history_table()}, "final": final,
-            "budget_stops": int(result.budget_exhausted)}
+            "n_energy_evals": result.n_energy_evals + observed.n_energy_evals, "levels": {"all": result.n_levels},
+            "wall_s": result.wall_s + observed.wall_s, "model_s": result.model_s + draw_s + observed.model_s,
+            "history": {"all": result.history_table()}, "final": final, "budget_stops": int(result.budget_exhausted),
+            "observed": observed}
 
 
 @torch.no_grad()
@@ -428,7 +446,7 @@ def refine(path: Pullback, target, settings: SMCSettings, seed: int, reference=N
         replicates = [run_per_state(path, states, settings, torch.Generator().manual_seed(s), data, target)
                       for s in replicate_seeds(seed, settings.n_replicates)]
     else:
-        replicates = [run_global(path, states, settings, torch.Generator().manual_seed(s))
+        replicates = [run_global(path, states, settings, torch.Generator().manual_seed(s), target)
                       for s in replicate_seeds(seed, settings.n_replicates)]
     names = list(states)
     delta_f = _delta_f_intervals(names, [r["log_z"] for r in replicates], settings, reference)
@@ -443,6 +461,9 @@ def refine(path: Pullback, target, settings: SMCSettings, seed: int, reference=N
         edges = energy_edges(heldout_u)
         extra["energy_histogram"] = np.mean([_weighted_density(u, w, edges) for u, w in
                                              (r["final"] for r in replicates)], axis=0).tolist()
+    observables = observables_block(target, [r["observed"] for r in replicates], settings.confidence)
+    if observables:
+        extra["observables"] = observables
     return {"mode": "per_state" if per_state else "global", "delta_f": delta_f, **extra,
             "ess": _mean_dicts([r["ess"] for r in replicates]),
             "n_energy_evals": int(sum(r["n_energy_evals"] for r in replicates)), "wall_s": wall,
@@ -451,6 +472,23 @@ def refine(path: Pullback, target, settings: SMCSettings, seed: int, reference=N
             "budget_stops": int(sum(r["budget_stops"] for r in replicates)),
             "replicates": [{k: r[k] for k in ("log_z", "ess", "n_energy_evals", "levels")} for r in replicates],
             "history": replicates[0]["history"]}
+
+
+def observables_block(target, samples: list[ObservedSample], confidence: float) -> dict[str, Any]:
+    """The observable metrics after SMC (profile RMSE, surface KL against the target's reference):
+    `replicates`, each metric's Student-t interval over the replicates' samples; `pooled`, the
+    metrics of all replicates' samples pooled (equal shares: a larger sample, the one to read for a
+    histogram metric, which missed bins bias upwards); `n_configurations` per replicate; `curves`
+    of the pooled sample for the figures. {} when the target has no metric with a reference."""
+    per_replicate = [observable_metrics(target, s) for s in samples]
+    pooled_sample = concatenate(samples, [1.0] * len(samples))
+    pooled = observable_metrics(target, pooled_sample)
+    if not pooled:
+        return {}
+    keys = [k for k in pooled if all(k in m for m in per_replicate)]
+    return {"replicates": {k: _interval([m[k] for m in per_replicate], confidence, None) for k in keys},
+            "pooled": pooled, "n_configurations": [s.n for s in samples],
+            "curves": observable_curves(target, pooled_sample)}
 
 
 def _delta_f_intervals(names: list[str], log_z: list[dict[str, float]], settings: SMCSettings,
@@ -628,12 +666,15 @@ def equal_budget(settings: SMCSettings, budget: int, target, space: Space) -> SM
     flow's training + evaluation + SMC) shared over its runs (replicates, times states when per
     state), each run's cap no higher than ``settings.max_energy_evals`` and no lower than one level
     (the initial evaluation and one level of moves on `space`, where its kernel moves: the least
-    an SMC run can do). A run that reaches its cap reweights straight to b = 1
+    an SMC run can do); the `final_sweeps` of each run come out of its share. A run that reaches its cap reweights straight to b = 1
     (bgexp.samplers.smc) and counts in `budget_stops`."""
     per_state = settings.per_state if settings.per_state is not None else len(target.states) > 1
     n_runs = int(settings.n_replicates) * (len(target.states) if per_state else 1)
-    one_level = int(settings.n_particles) * (1 + int(settings.n_steps_per_level) * _kernel(settings, space).evals_per_step)
-    cap = max(int(budget) // n_runs, one_level)
+    evals_per_step = _kernel(settings, space).evals_per_step
+    one_level = int(settings.n_particles) * (1 + int(settings.n_steps_per_level) * evals_per_step)
+    sweeps = 0 if not settings.final_sweeps else int(settings.n_particles) * (
+        1 + int(settings.final_sweeps) * int(settings.n_steps_per_level) * evals_per_step)
+    cap = max(int(budget) // n_runs - sweeps, one_level)
     if settings.max_energy_evals is not None:
         cap = min(cap, int(settings.max_energy_evals))
     return replace(settings, max_energy_evals=cap)
@@ -654,8 +695,10 @@ def data_energy_w2(target, data: Tensor, heldout_u: np.ndarray, settings: SMCSet
     return {"n_frames": n, **_interval(values, settings.confidence, None)}
 
 
-def smc_figures(block: dict[str, Any], figure_dir) -> dict[str, str]:
-    """The annealing (b and ESS against the level, first replicate) of every SMC in the block."""
+def smc_figures(block: dict[str, Any], figure_dir, target=None) -> dict[str, str]:
+    """The annealing (b and ESS against the level, first replicate) of every SMC in the block; the
+    energies against held-out data; the bidirectional works; with the `target`, its profiles and
+    surfaces after SMC from the flow (replicates pooled) against its reference."""
     from pathlib import Path
 
     from bgexp.evaluation.plots import plot_energy_densities, plot_smc_history, plot_work_distributions
@@ -673,6 +716,10 @@ def smc_figures(block: dict[str, Any], figure_dir) -> dict[str, str]:
     if histograms:
         path = Path(figure_dir) / "smc_works.png"
         figures["smc_works"] = str(plot_work_distributions(histograms, path, title="Bidirectional AIS: works per state"))
+    observables = block["flow"].get("observables")
+    if target is not None and observables:
+        label = ", ".join(f"{k.split('/')[0]} {k.split('/')[-1]} {v:.3g}" for k, v in observables["pooled"].items())
+        figures.update(observable_figures(target, observables["curves"], figure_dir, label))
     return figures
 
 

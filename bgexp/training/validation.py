@@ -408,7 +408,7 @@ def _smc_settings() -> Section:
              "max_energy_evals": integer(1, none=True), "per_state": boolean(none=True), "max_draw_factor": integer(),
              "confidence": number(), "batch_size": integer(1), "progress": boolean(),
              "bidirectional": boolean(), "n_bidirectional": integer(none=True), "reverse_steps": integer(0),
-             "reverse_frames": choice("training", "heldout"), "q_draws": integer(0)}
+             "reverse_frames": choice("training", "heldout"), "q_draws": integer(0), "final_sweeps": integer(0)}
     return _SMC({f.name: rules.get(f.name, anything) for f in dataclass_fields(SMCSettings)}, nullable=True)
 
 

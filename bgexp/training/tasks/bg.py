@@ -175,7 +175,7 @@ def refine_by_smc(cfg: DictConfig, model: BoltzmannGenerator, evaluation: Evalua
     if settings is None:
         return {}
     block = smc_block(model, settings, seed=int(cfg.seed), data=data, heldout=heldout)
-    evaluation.figures.update(smc_figures(block, figure_dir))
+    evaluation.figures.update(smc_figures(block, figure_dir, model.target))
     return {"smc": block}
 
 
@@ -265,6 +265,8 @@ def smc_scalars(block: dict[str, Any] | None) -> dict[str, float]:
             for key in ("value", "ci_low", "ci_high", "error"):
                 if estimate.get(key) is not None:
                     scalars[f"final/smc/{source}/bidirectional/delta_f/{name}/{key}"] = float(estimate[key])
+        for name, value in (entry.get("observables") or {}).get("pooled", {}).items():
+            scalars[f"final/smc/{source}/{name}"] = float(value)  # profile/<obs>/rmse, surface/<name>/kl
     return scalars
 
 
@@ -292,6 +294,11 @@ def _smc_lines(block: dict[str, Any]) -> list[str]:
             if e.get("reference") is not None:
                 text += f"; reference {e['reference']:.3f} kT"
             lines.append(f"{text} ({entry['bidirectional']['n_energy_evals']} energy evaluations)")
+        observables = entry.get("observables")
+        if observables:
+            pooled = ", ".join(f"{k} {v:.4g}" for k, v in observables["pooled"].items())
+            lines.append(f"{labels[source]}, observables ({sum(observables['n_configurations'])} weighted "
+                         f"configurations, replicates pooled): {pooled}")
     return lines
 
 
