@@ -227,3 +227,11 @@ def test_a_config_error_outside_the_swept_keys_stops_the_sweep(tmp_path, monkeyp
     assert "optimized_metric" in proc.stderr + proc.stdout
     members = list((tmp_path / "outputs" / "multiruns").rglob("failed.json"))
     assert len(members) <= 1  # at most the first member, never the second
+
+
+def test_md_data_read_as_they_are_validate_and_bad_sweeps_do_not():
+    """data.md: null (the data.path folders read as they are, as the data module's message
+    advises) is a valid setting; a negative smc.final_sweeps is refused with its key."""
+    validate_config(compose_cfg(["experiment=ala2_nsf", "data.md=null", "data.path=[a,b,c]"]))
+    message = refused(["smc=default", "smc.final_sweeps=-2"])
+    assert "smc.final_sweeps=-2" in message and "integer >= 0" in message, message

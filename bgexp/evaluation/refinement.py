@@ -718,7 +718,9 @@ def smc_figures(block: dict[str, Any], figure_dir, target=None) -> dict[str, str
         figures["smc_works"] = str(plot_work_distributions(histograms, path, title="Bidirectional AIS: works per state"))
     observables = block["flow"].get("observables")
     if target is not None and observables:
-        label = ", ".join(f"{k.split('/')[0]} {k.split('/')[-1]} {v:.3g}" for k, v in observables["pooled"].items())
+        # "profile/phi/rmse" -> "phi RMSE 0.86", "surface/ramachandran/kl" -> "ramachandran KL 0.061"
+        label = ", ".join(f"{k.split('/')[1]} {k.split('/')[2].upper()} {v:.3g}"
+                          for k, v in observables["pooled"].items())
         figures.update(observable_figures(target, observables["curves"], figure_dir, label))
     return figures
 

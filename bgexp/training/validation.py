@@ -373,13 +373,15 @@ def _signature_keys(fn: Callable, drop: tuple[str, ...] = ()) -> list[str]:
 
 
 # the declared schema ------------------------------------------------------------------------------
-def _md_settings() -> Section:
+def _md_settings(nullable: bool = False) -> Section:
+    """MDSettings' fields; `nullable`: null allowed (data.md: null reads the data.path folders as they
+    are, without generating or checking them)."""
     from bgexp.targets.dynamics import MDSettings
 
     rules = {"n_frames": integer(1), "report_interval": integer(1), "chunk_frames": integer(1),
              "timestep_fs": number(0), "friction_per_ps": number(0), "equilibration_steps": integer(0),
              "seed": integer(), "minimize": boolean(), "temperature": number(0, none=True)}
-    return Section({f.name: rules.get(f.name, anything) for f in dataclass_fields(MDSettings)})
+    return Section({f.name: rules.get(f.name, anything) for f in dataclass_fields(MDSettings)}, nullable=nullable)
 
 
 class _SMC(Section):
@@ -443,7 +445,7 @@ def _data() -> Section:
 
     rules = {"path": anything, "cache_dir": text(), "generate": _Generate(), "val_fraction": number(0, 1),
              "batch_size": integer(1), "num_workers": integer(0), "split_seed": integer(), "progress": boolean(),
-             "md": OneOrList(_md_settings()), "topology": text(none=True), "split": choice("random", "tail", "chains"),
+             "md": OneOrList(_md_settings(nullable=True)), "topology": text(none=True), "split": choice("random", "tail", "chains"),
              "forces": boolean()}
     keys = _signature_keys(TargetDataModule.__init__, ("target", "target_config"))
     return Section({n: rules.get(n, anything) for n in keys})
