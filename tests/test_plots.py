@@ -119,3 +119,12 @@ def test_free_energy_surface_figure_with_reference(tmp_path):
     path = plot_free_energy_surface(edges, edges, p / p.sum(), tmp_path / "s.png", reference=p.T / p.sum(),
                                     title="reweighted")
     assert path.stat().st_size > 1000
+
+
+def test_a_profile_line_breaks_at_an_empty_bin_instead_of_bridging_it():
+    """An empty bin (F = inf, e.g. the unsampled barrier between two states after SMC) is NaN in the
+    drawn line, which matplotlib breaks there; the curve is shifted to min 0 over the finite bins."""
+    x, f, e = plots._profile([3.0, 0.0, 1.0, 2.0], [4.0, 2.0, np.inf, 1.0], [0.1, 0.1, 0.1, 0.1], "profile")
+    assert np.array_equal(x, [0.0, 1.0, 2.0, 3.0])
+    assert f[0] == 1.0 and np.isnan(f[1]) and f[2] == 0.0 and f[3] == 3.0
+    assert np.isnan(e[1]) and e[0] == 0.1

@@ -176,19 +176,22 @@ def plot_observable_histogram(
 
 
 def _profile(x: ArrayLike, f: ArrayLike, err: ArrayLike | None, what: str):
-    """Finite points of a profile, shifted so that min F = 0; err NaN where not given/finite."""
+    """A profile sorted by x, shifted so that min F = 0; F NaN where not finite (so that the drawn
+    line breaks at an empty bin instead of bridging it); err NaN where not given/finite."""
     x, f = _as_array(x), _as_array(f)
     if x.shape != f.shape:
         raise ValueError(f"{what}: x has shape {x.shape} but f has shape {f.shape}")
     e = np.full_like(f, np.nan) if err is None else _as_array(err)
     if e.shape != f.shape:
         raise ValueError(f"{what}: the error has shape {e.shape} but f has shape {f.shape}")
-    keep = np.isfinite(x) & np.isfinite(f)
-    x, f, e = x[keep], f[keep], e[keep]
+    keep = np.isfinite(x)
+    x, f, e = x[keep], f[keep].astype(float), e[keep].astype(float)
     order = np.argsort(x)
     x, f, e = x[order], f[order], e[order]
-    if f.size:
-        f = f - f.min()
+    gap = ~np.isfinite(f)
+    f[gap], e[gap] = np.nan, np.nan
+    if (~gap).any():
+        f = f - np.nanmin(f)
     return x, f, e
 
 
@@ -214,7 +217,7 @@ def plot_free_energy_profile(
     (f_err, one standard deviation or any half-width the caller chooses). `reference` is a dict
     with keys "x", "f", optional "f_std" and "label", drawn the same way (its own minimum at 0).
     `states` maps a state name to an interval (lo, hi) shaded behind the curves; infinite ends
-    reach the edge of the plot. Non-finite points are skipped."""
+    reach the edge of the plot. Non-finite points are skipped, and the line breaks there."""
     fig = new_figure()
     ax = fig.add_subplot()
     xs, fs, es = _profile(x, f, f_err, "profile")
@@ -225,11 +228,11 @@ def plot_free_energy_profile(
             raise ValueError(f"reference needs keys 'x' and 'f' (optional 'f_std', 'label'); missing {sorted(missing)}")
         rx, rf, re = _profile(reference["x"], reference["f"], reference.get("f_std"), "reference")
         ref_label = str(reference.get("label", "reference"))
-        if rx.size:
+        if np.isfinite(rf).any():
             ax.plot(rx, rf, "--", color="k", linewidth=1.5, label=ref_label)
             _band(ax, rx, rf, re, "0.5")
         all_x.append(rx)
-    if xs.size:
+    if np.isfinite(fs).any():
         line = ax.plot(xs, fs, "o-", markersize=3, linewidth=1.5, label=label)[0]
         _band(ax, xs, fs, es, line.get_color())
     else:
