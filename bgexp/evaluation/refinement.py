@@ -422,14 +422,9 @@ def final_energies(path: Pullback, result: SMCResult, x: Tensor | None = None) -
 
 def _mix_states(finals: dict[str, tuple[np.ndarray, np.ndarray]], log_z: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
     """Per-state final energies and weights combined into one weighted sample of the whole target:
-    state s enters with its estimated probability Z_s / sum_t Z_t."""
-    if not finals:
-        return np.zeros(0), np.zeros(0)
-    names = list(finals)
-    log_p = np.array([log_z[n] for n in names])
-    p = np.exp(log_p - np.logaddexp.reduce(log_p))
-    return (np.concatenate([finals[n][0] for n in names]),
-            np.concatenate([p_s * finals[n][1] for p_s, n in zip(p, names)]))
+    state s enters with its estimated probability Z_s / sum_t Z_t (`mix_states`)."""
+    mixed = mix_states({name: ObservedSample({"u": u}, w) for name, (u, w) in finals.items()}, log_z)
+    return mixed.observed.get("u", np.zeros(0)), mixed.weights
 
 
 # replicates and the results block ---------------------------------------------------------------
@@ -666,8 +661,8 @@ def equal_budget(settings: SMCSettings, budget: int, target, space: Space) -> SM
     flow's training + evaluation + SMC) shared over its runs (replicates, times states when per
     state), each run's cap no higher than ``settings.max_energy_evals`` and no lower than one level
     (the initial evaluation and one level of moves on `space`, where its kernel moves: the least
-    an SMC run can do); the `final_sweeps` of each run come out of its share. A run that reaches its cap reweights straight to b = 1
-    (bgexp.samplers.smc) and counts in `budget_stops`."""
+    an SMC run can do); the `final_sweeps` of each run come out of its share. A run that reaches its
+    cap reweights straight to b = 1 (bgexp.samplers.smc) and counts in `budget_stops`."""
     per_state = settings.per_state if settings.per_state is not None else len(target.states) > 1
     n_runs = int(settings.n_replicates) * (len(target.states) if per_state else 1)
     evals_per_step = _kernel(settings, space).evals_per_step
